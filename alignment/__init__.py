@@ -1,0 +1,1 @@
+"""Alignment on TRL: constitution-guided SFT and curiosity-over-hedging DPO."""

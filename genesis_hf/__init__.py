@@ -1,0 +1,1 @@
+"""Genesis: the Genesis 1B model for Hugging Face transformers."""

@@ -1,0 +1,1 @@
+"""Pretraining: data pipeline, loop, checkpoints, recipes."""
