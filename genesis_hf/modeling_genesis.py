@@ -1,0 +1,485 @@
+"""Genesis: a Llama-style decoder-only transformer, in one file, bottom-up.
+
+RMSNorm -> rotary embedding -> SwiGLU MLP -> grouped-query attention -> decoder
+layer -> pretrained base -> model -> causal LM (+ its memory-light loss).
+
+Weight names are Llama's (`model.layers.0.self_attn.q_proj.weight`, ...), so a
+Genesis state dict loads into transformers' `LlamaForCausalLM` unchanged and
+every Llama tool (vLLM, llama.cpp converters, PEFT) applies; `genesis export
+--format llama` writes such a folder. This file holds no training, data or
+parallelism code: FSDP, activation checkpointing and compilation are applied
+from outside (FSDP auto-wrap finds `GenesisDecoderLayer` through
+`_no_split_modules`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+
+from .configuration_genesis import GenesisConfig
+
+
+class GenesisRMSNorm(nn.Module):
+    """x / rms(x) * weight, with the reduction in fp32 whatever the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class GenesisRotaryEmbedding(nn.Module):
+    """cos/sin tables of RoPE, computed once per forward and shared by every layer."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: GenesisConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        # Non-persistent: derived from the config, never stored in checkpoints.
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: GenesisConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        """theta^(-2i/d) for i in [0, d/2): one frequency per rotated pair of dimensions."""
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Angles in fp32 even under bf16 autocast: position 2047 x freq needs the mantissa.
+        device_type = x.device.type if x.device.type != "mps" else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            freqs = position_ids[..., None].float() * self.inv_freq.float().to(x.device)  # (B, T, hd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd): HF's half-split layout
+            cos = emb.cos() * self.attention_scaling
+            sin = emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """Rotate q (B, nh, T, hd) and k (B, nkv, T, hd) by the angles of their positions."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, T, hd) -> (B, 1, T, hd)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class GenesisMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: GenesisConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv, T, hd) -> (B, n_kv * n_rep, T, hd): each KV head serves n_rep query heads."""
+    batch, n_kv, seq_len, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None].expand(batch, n_kv, n_rep, seq_len, head_dim)
+    return hidden_states.reshape(batch, n_kv * n_rep, seq_len, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference attention: softmax(q k^T * scaling + mask) v, written out.
+
+    The fast paths (SDPA, FlashAttention, flex) are looked up in transformers'
+    `ALL_ATTENTION_FUNCTIONS` and must agree with this one (tests check it).
+    """
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, Tq, Tk)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value)  # (B, nh, Tq, hd)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights  # (B, Tq, nh, hd)
+
+
+class GenesisAttention(nn.Module):
+    """Grouped-query attention with RoPE: 12 query heads share 6 key/value heads in the 1B model."""
+
+    def __init__(self, config: GenesisConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_key_value_groups
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        q_out = config.num_attention_heads * self.head_dim
+        kv_out = config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_out, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_out, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_out, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_out, config.hidden_size, bias=config.attention_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]  # (B, T)
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nh, T, hd)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nkv, T, hd)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nkv, T, hd)
+
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if cache is not None:
+            # The cache stores rotated keys; returns all keys/values so far, (B, nkv, T_past + T, hd).
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, nh * hd)
+        return self.o_proj(attn_output), attn_weights
+
+
+class GenesisDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). The unit of FSDP wrapping and checkpointing."""
+
+    def __init__(self, config: GenesisConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = GenesisAttention(config, layer_idx)
+        self.mlp = GenesisMLP(config)
+        self.input_layernorm = GenesisRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = GenesisRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_out, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_out
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class GenesisPreTrainedModel(PreTrainedModel):
+    """Capabilities as class attributes, read by transformers, Accelerate and TRL.
+
+    Initialisation (`_init_weights`): every Linear and the embedding ~ N(0, 0.02)
+    (`initializer_range`), biases 0, RMSNorm weights 1. The two projections that
+    write into the residual stream (`o_proj`, `down_proj`) use 0.02 / sqrt(2 x layers),
+    as in GPT-2 and OLMo, so the residual's variance does not grow with depth.
+    """
+
+    config_class = GenesisConfig
+    config: GenesisConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GenesisDecoderLayer"]
+    _skip_keys_device_placement = ["cache"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # N(0, initializer_range), zeros, ones, RoPE tables
+        if isinstance(module, (GenesisAttention, GenesisMLP)):
+            out_proj = module.o_proj if isinstance(module, GenesisAttention) else module.down_proj
+            std = self.config.initializer_range / (2 * self.config.num_hidden_layers) ** 0.5
+            # transformers' `init` helpers skip tensors already loaded from a checkpoint.
+            init.normal_(out_proj.weight, mean=0.0, std=std)
+
+
+class GenesisModel(GenesisPreTrainedModel):
+    """Embedding -> decoder layers -> final norm; returns the last hidden state (and the KV cache)."""
+
+    def __init__(self, config: GenesisConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(GenesisDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = GenesisRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = GenesisRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _check_inputs(self, input_ids: torch.Tensor | None, seq_len: int, past_len: int) -> None:
+        """Refuse bad inputs before any kernel runs: an out-of-range id on CUDA is a device-side assert."""
+        limit = self.config.max_position_embeddings
+        if past_len + seq_len > limit:
+            raise ValueError(
+                f"Sequence of {past_len + seq_len} tokens ({past_len} cached + {seq_len} new) exceeds "
+                f"max_position_embeddings={limit}."
+            )
+        if input_ids is not None and input_ids.numel() and not torch.compiler.is_compiling():
+            lo, hi = torch.aminmax(input_ids)  # one host sync; cheap next to a forward pass
+            lo, hi = int(lo), int(hi)
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"Token id {bad} is outside the vocabulary [0, {self.config.vocab_size}).")
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if cache is None:  # transformers < 5.24 and some callers still say past_key_values
+            cache = kwargs.pop("past_key_values", None)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # recomputed layers would append to the cache twice
+        seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        past_len = cache.get_seq_length() if cache is not None else 0
+        self._check_inputs(input_ids, seq_len, past_len)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, d)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)[None]
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden = [] if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=causal_mask,
+                cache=cache,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum of token cross-entropies of `hidden @ weight.T`, one chunk of tokens at a time.
+
+    Never holds more than (chunk, vocab) logits: each chunk's fp32 logits give the
+    loss AND, while they are alive, the gradients (softmax - onehot) w.r.t. hidden
+    and weight. So backward costs no recomputation and the (N, vocab) logits of a
+    4 x 2048 batch (0.8 GB bf16, 1.6 GB fp32, and as much again for their gradient)
+    never exist.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size: int, normaliser: float):
+        # hidden (N, d), weight (V, d), labels (N,) with -100 = ignore
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_dh else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]  # (c, d)
+            y = labels[start : start + chunk_size]  # (c,)
+            logits = (h @ weight.t()).float()  # (c, V), fp32 for the softmax
+            valid = y != -100
+            target = y.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            target_logit = logits.gather(1, target[:, None]).squeeze(1)
+            total += ((lse - target_logit) * valid).sum()
+            if need_dh or need_dw:
+                # d(loss)/d(logits) = (softmax - onehot) / normaliser on valid rows, 0 elsewhere
+                grad = logits.sub_(lse[:, None]).exp_()  # reuse the logits' memory
+                grad[torch.arange(len(y), device=y.device), target] -= 1.0
+                grad *= (valid.float() / normaliser)[:, None]
+                grad = grad.to(h.dtype)
+                if need_dh:
+                    grad_hidden[start : start + chunk_size] = grad @ weight
+                if need_dw:
+                    grad_weight += (grad.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total / normaliser
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        dh = grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None
+        dw = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
+        return dh, dw, None, None, None
+
+
+def causal_lm_loss(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy of `hidden_states @ lm_head_weight.T` against `labels`.
+
+    Equals `F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+    ignore_index=-100)` (mean over non-ignored tokens; sum / num_items_in_batch when given,
+    as transformers' Trainer does under gradient accumulation) without building `logits`.
+    """
+    hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])  # (B*(T-1), d)
+    targets = labels[:, 1:].reshape(-1).to(hidden.device)  # (B*(T-1),)
+    if num_items_in_batch is None:
+        normaliser = float(max(int((targets != -100).sum()), 1))
+    else:
+        normaliser = float(num_items_in_batch)
+    return _LinearCrossEntropy.apply(hidden, lm_head_weight, targets, chunk_size, normaliser)
+
+
+class GenesisForCausalLM(GenesisPreTrainedModel, GenerationMixin):
+    """Genesis with its tied LM head.
+
+    With `labels`, the loss is computed by `causal_lm_loss` (chunked, never the full fp32
+    logits) and `logits` are NOT returned unless `return_logits=True`: the logits of a
+    4 x 2048 x 49,152 batch are most of the memory a training step would otherwise peak at.
+    Without labels (inference, generation, TRL's fused head) logits are returned as usual.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: GenesisConfig):
+        super().__init__(config)
+        self.model = GenesisModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_logits: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state  # (B, T, d)
+        loss = logits = None
+        if labels is not None:
+            loss = causal_lm_loss(
+                hidden_states, self.lm_head.weight, labels, self.config.loss_chunk_size, num_items_in_batch
+            )
+        if labels is None or return_logits:
+            logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))  # (B, T', V)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+__all__ = ["GenesisForCausalLM", "GenesisModel", "GenesisPreTrainedModel", "causal_lm_loss"]
