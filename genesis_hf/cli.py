@@ -21,10 +21,16 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("genesis_hf.tokenizer", "train a byte-fallback BPE tokenizer and report bytes per token"),
     "data": ("training.data.prepare", "tokenise a mixture into checksummed uint16 shards"),
-    "export": ("genesis_hf.export", "turn a checkpoint or model folder into a from_pretrained folder (Genesis or Llama)"),
+    "export": (
+        "genesis_hf.export",
+        "turn a checkpoint or model folder into a from_pretrained folder (Genesis or Llama)",
+    ),
     "lr": ("training.schedule", "print or plot the learning-rate curve of a recipe before launch"),
     "quickstart": ("training.quickstart", "tokenizer, data, a tiny pretraining run on CPU, export, samples"),
-    "align": ("alignment.cli", "constitution revisions, DPO pairs, evaluation and pretrain-then-align cycles"),
+    "align": (
+        "alignment.cli",
+        "constitution revisions, DPO pairs, evaluation and pretrain-then-align cycles",
+    ),
 }
 
 

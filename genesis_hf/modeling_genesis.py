@@ -14,6 +14,8 @@ from outside (FSDP auto-wrap finds `GenesisDecoderLayer` through
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 
 import torch
@@ -30,6 +32,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 
 from .configuration_genesis import GenesisConfig
+from .hub import CARD_NAME, push_folder, write_model_card
 
 
 class GenesisRMSNorm(nn.Module):
@@ -266,6 +269,32 @@ class GenesisPreTrainedModel(PreTrainedModel):
             # transformers' `init` helpers skip tensors already loaded from a checkpoint.
             init.normal_(out_proj.weight, mean=0.0, std=std)
 
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """transformers' save (safetensors, config with `auto_map`, this code) plus our model card."""
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process and not os.path.exists(os.path.join(save_directory, CARD_NAME)):
+            write_model_card(save_directory, self.config)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+        **save_kwargs,
+    ) -> str:
+        """Upload exactly what `save_pretrained` writes, our model card included (token: `HF_TOKEN`)."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, **save_kwargs)
+            return push_folder(
+                folder,
+                repo_id,
+                private=private,
+                revision=revision,
+                commit_message=commit_message or "Upload Genesis model",
+            )
+
 
 class GenesisModel(GenesisPreTrainedModel):
     """Embedding -> decoder layers -> final norm; returns the last hidden state (and the KV cache)."""
@@ -369,7 +398,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # hidden (N, d), weight (V, d), labels (N,) with -100 = ignore
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_dh else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+        )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]  # (c, d)

@@ -1,0 +1,201 @@
+"""`genesis export SRC DST`: make a `from_pretrained` folder from a model or a training checkpoint.
+
+    genesis export runs/1b/checkpoints/step-00040000 exports/1b-40k           # training checkpoint
+    genesis export exports/1b-40k exports/1b-40k-llama --format llama         # stock LlamaForCausalLM
+    genesis export some-llama-folder exports/back --format genesis            # and back
+
+Genesis uses Llama's weight names and config field names, so conversion is a
+strict `load_state_dict` into the other class: any missing or unexpected
+weight is an error, never a silent partial copy. DST must not exist, and the
+folder is written under a temporary name and renamed, so a failed export leaves
+nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from .configuration_genesis import GenesisConfig
+from .modeling_genesis import GenesisForCausalLM
+
+logger = logging.getLogger(__name__)
+
+# Config fields both classes share, with the same meaning.
+SHARED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "use_cache",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "attention_bias",
+    "attention_dropout",
+    "mlp_bias",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class ExportError(ValueError):
+    """A source that cannot be exported as asked; the message names the file or field."""
+
+
+def _fields(config) -> dict:
+    return {name: getattr(config, name) for name in SHARED_FIELDS}
+
+
+def genesis_to_llama_config(config: GenesisConfig) -> LlamaConfig:
+    return LlamaConfig(**_fields(config), pretraining_tp=1, dtype=config.dtype)
+
+
+def llama_to_genesis_config(config: LlamaConfig, source: str = "config.json") -> GenesisConfig:
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        raise ExportError(f"{source}: pretraining_tp={config.pretraining_tp} is not supported (must be 1).")
+    try:
+        return GenesisConfig(**_fields(config), dtype=config.dtype)
+    except ValueError as err:
+        raise ExportError(f"{source}: not a Genesis-compatible Llama config: {err}") from err
+
+
+def _model_type(src: Path) -> str:
+    config_file = src / "config.json"
+    if not config_file.is_file():
+        raise ExportError(f"{src} is neither a model folder (no config.json) nor a training checkpoint.")
+    try:
+        return json.loads(config_file.read_text())["model_type"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise ExportError(f"{config_file}: unreadable or missing field 'model_type' ({err}).") from err
+
+
+def convert_model(src: str | Path, fmt: str):
+    """Load the model in `src` and return it as a `fmt` ("genesis" or "llama") model with the same weights."""
+    src = Path(src)
+    model_type = _model_type(src)
+    if model_type == "genesis":
+        model = GenesisForCausalLM.from_pretrained(src)
+        if fmt == "genesis":
+            return model
+        target = LlamaForCausalLM(genesis_to_llama_config(model.config))
+    elif model_type == "llama":
+        model = LlamaForCausalLM.from_pretrained(src)
+        if fmt == "llama":
+            return model
+        target = GenesisForCausalLM(llama_to_genesis_config(model.config, str(src / "config.json")))
+    else:
+        raise ExportError(
+            f"{src / 'config.json'}: model_type {model_type!r} is neither 'genesis' nor 'llama'."
+        )
+    # Same names, same shapes: a strict load proves the mapping is complete.
+    target.load_state_dict(model.state_dict(), strict=True)
+    target.to(next(model.parameters()).dtype)
+    target.generation_config = model.generation_config
+    return target
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> bool:
+    if not any((src / name).is_file() for name in TOKENIZER_FILES):
+        return False
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return True
+
+
+def _is_training_checkpoint(src: Path) -> bool:
+    # Model folders never hold a manifest.json; committed training checkpoints always do.
+    return (src / "manifest.json").is_file()
+
+
+def export(src: str | Path, dst: str | Path, *, fmt: str = "genesis", push_to_hub: str | None = None) -> Path:
+    """Write `src` (model folder or training checkpoint) as a `fmt` model folder at `dst`."""
+    src, dst = Path(src), Path(dst)
+    if fmt not in ("genesis", "llama"):
+        raise ExportError(f"--format must be 'genesis' or 'llama', got {fmt!r}.")
+    if not src.is_dir():
+        raise ExportError(f"{src}: no such folder.")
+    if dst.exists():
+        raise ExportError(f"{dst} already exists; refusing to overwrite an export.")
+    if _is_training_checkpoint(src):
+        from training.export import export_checkpoint  # the training package owns checkpoints
+
+        if fmt == "genesis":
+            return export_checkpoint(src, dst, push_to_hub=push_to_hub)
+        staging = dst.with_name(f".{dst.name}.genesis-tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        export_checkpoint(src, staging)
+        try:
+            return export(staging, dst, fmt=fmt, push_to_hub=push_to_hub)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    model = convert_model(src, fmt)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        if (
+            isinstance(model, GenesisForCausalLM)
+            and (src / "README.md").is_file()
+            and _model_type(src) == "genesis"
+        ):
+            shutil.copy2(src / "README.md", tmp / "README.md")  # keep the run's card
+        _copy_tokenizer(src, tmp)
+        if (src / "generation_config.json").is_file():
+            GenerationConfig.from_pretrained(src).save_pretrained(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("exported %s -> %s (%s)", src, dst, fmt)
+    if push_to_hub:
+        from .hub import push_folder
+
+        push_folder(dst, push_to_hub)
+    return dst
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="genesis export",
+        description="Turn a training checkpoint or a model folder into a from_pretrained-ready folder.",
+    )
+    parser.add_argument("src", help="a training checkpoint (checkpoints/step-N) or a model folder")
+    parser.add_argument("dst", help="the folder to write; must not exist")
+    parser.add_argument(
+        "--format",
+        choices=("genesis", "llama"),
+        default="genesis",
+        help="genesis: GenesisForCausalLM (default); llama: a stock LlamaForCausalLM with the same weights",
+    )
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="also upload the folder to this Hub repo (token from HF_TOKEN only)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out = export(args.src, args.dst, fmt=args.format, push_to_hub=args.push_to_hub)
+    except ExportError as err:
+        print(f"genesis export: error: {err}")
+        return 2
+    print(f"exported {args.src} -> {out} ({args.format})")
+    return 0
+
+
+__all__ = ["ExportError", "convert_model", "export", "genesis_to_llama_config", "llama_to_genesis_config"]
