@@ -284,12 +284,13 @@ def train_tokenizer(
     t0 = time.perf_counter()
     base = Tokenizer(models.BPE(byte_fallback=True))
     base.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated")
+    options = {} if limit_alphabet is None else {"limit_alphabet": limit_alphabet}
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - reserved,
         min_frequency=min_frequency,
         show_progress=show_progress,
         special_tokens=[],
-        limit_alphabet=limit_alphabet,
+        **options,
     )
     base.train_from_iterator(texts(), trainer=trainer)
     if n_docs == 0:
