@@ -1,0 +1,182 @@
+"""Process-level machinery for checkpoints: watchdog, timed collectives, fault-injection points.
+
+Why a watchdog thread and not an exception: a rank stuck inside a collective (or a hung NFS write)
+is blocked in C code, so nothing can be raised into it. The watchdog logs the step and phase, dumps
+every thread's stack with `faulthandler`, and ends the process with `WATCHDOG_EXIT_CODE`, so a
+restart loop (torchrun --max-restarts, a cluster requeue) sees a failure instead of a silent hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import faulthandler
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+logger = logging.getLogger("training.checkpoint")
+
+WATCHDOG_EXIT_CODE = 124  # like coreutils `timeout`: "ran past its deadline"
+
+# Test-only fault injection (read per call, so a test can set them in a subprocess's environment).
+#   GENESIS_CKPT_TEST_STALL="<phase>:<seconds>[:<rank>]"  sleep when that phase starts
+#   GENESIS_CKPT_TEST_FAIL="<phase>:enospc[:<rank>]"      raise OSError(ENOSPC) when that phase starts
+#   GENESIS_CKPT_TEST_MARKER=<file>                       touched (phase name written) before the stall
+_STALL_ENV = "GENESIS_CKPT_TEST_STALL"
+_FAIL_ENV = "GENESIS_CKPT_TEST_FAIL"
+_MARKER_ENV = "GENESIS_CKPT_TEST_MARKER"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be saved, found, verified or restored. The message names path and part."""
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _parse_fault(var: str) -> tuple[str, str, int | None] | None:
+    spec = os.environ.get(var)
+    if not spec:
+        return None
+    parts = spec.rsplit(":", 2)
+    # phase names contain spaces but never ':'; an optional trailing rank
+    if len(parts) == 3 and parts[2].isdigit():
+        return parts[0], parts[1], int(parts[2])
+    phase, _, arg = spec.rpartition(":")
+    return phase, arg, None
+
+
+def fault_point(phase: str) -> None:
+    """Test hook at the start of every phase; a no-op unless a GENESIS_CKPT_TEST_* variable names it."""
+    rank, _ = rank_and_world()
+    for var in (_FAIL_ENV, _STALL_ENV):
+        fault = _parse_fault(var)
+        if fault is None or fault[0] != phase or (fault[2] is not None and fault[2] != rank):
+            continue
+        if var == _FAIL_ENV:
+            raise OSError(errno.ENOSPC, f"No space left on device (injected by {_FAIL_ENV} at '{phase}')")
+        marker = os.environ.get(_MARKER_ENV)
+        if marker:
+            Path(marker).write_text(phase)
+        time.sleep(float(fault[1]))
+
+
+class Watchdog:
+    """Deadline for one save or load. `phase(name)` records where we are; expiry kills the process.
+
+    Used as a context manager; the thread is a daemon and is stopped on exit of the block.
+    """
+
+    def __init__(self, what: str, step: int | None, timeout_s: float):
+        if timeout_s <= 0:
+            raise ValueError(f"checkpoint timeout_s must be > 0, got {timeout_s}")
+        self.what, self.step, self.timeout_s = what, step, timeout_s
+        self.current = "starting"
+        self._started = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"ckpt-watchdog-{what}", daemon=True)
+
+    def __enter__(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        self._thread.join(timeout=5.0)
+
+    def phase(self, name: str) -> None:
+        self.current = name
+        logger.debug("checkpoint %s step %s: %s", self.what, self.step, name)
+        fault_point(name)
+
+    def remaining(self) -> float:
+        return max(1.0, self.timeout_s - (time.monotonic() - self._started))
+
+    def _watch(self) -> None:
+        if self._done.wait(self.timeout_s):
+            return
+        rank, world = rank_and_world()
+        msg = (
+            f"checkpoint {self.what} of step {self.step} exceeded its {self.timeout_s:.0f} s deadline in "
+            f"phase '{self.current}' (rank {rank} of {world}); a rank is probably stuck in a collective or "
+            f"on storage. Dumping all thread stacks and exiting with code {WATCHDOG_EXIT_CODE}."
+        )
+        logger.critical(msg)
+        print(f"[genesis checkpoint watchdog] {msg}", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(WATCHDOG_EXIT_CODE)
+
+
+# ---------------------------------------------------------------- collectives with a timeout
+
+_CONTROL_GROUP: Any = None
+
+
+def _control_group() -> Any:
+    """A gloo group for small control messages (barriers, agreed errors, file lists).
+
+    gloo gives `monitored_barrier` (names the ranks that did not arrive) and keeps these tiny
+    pickled objects off the GPU. When the default group is already gloo we use it directly. The
+    first call is itself collective; every rank reaches it because every rank must call save/load.
+    """
+    global _CONTROL_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _CONTROL_GROUP is None:
+        _CONTROL_GROUP = dist.new_group(backend="gloo")
+    return _CONTROL_GROUP
+
+
+def barrier(wd: Watchdog, name: str) -> None:
+    wd.phase(name)
+    if not is_distributed():
+        return
+    timeout = datetime.timedelta(seconds=wd.remaining())
+    try:
+        dist.monitored_barrier(group=_control_group(), timeout=timeout, wait_all_ranks=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"checkpoint {wd.what} of step {wd.step}: '{name}' failed or timed out: {e}"
+        ) from e
+
+
+def gather(obj: Any) -> list[Any]:
+    """all_gather_object on the control group; [obj] in a single process."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_control_group())
+    return out
+
+
+def agree(error: str | None) -> None:
+    """Every rank contributes its error (or None); if any rank failed, every rank raises.
+
+    Without this, one rank raising while the others enter the next collective is a hang.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        if error:
+            raise CheckpointError(error)
+        return
+    failed = [(r, e) for r, e in gather((rank, error)) if e]
+    if failed:
+        unique = sorted({e for _, e in failed})
+        ranks = ", ".join(str(r) for r, _ in failed)
+        raise CheckpointError(f"{' | '.join(unique)} (on rank {ranks})")

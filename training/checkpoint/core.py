@@ -1,0 +1,274 @@
+"""save_checkpoint / load_checkpoint: sharded, atomic, verified, watched.
+
+Model and optimizer go through torch.distributed.checkpoint (DCP) with the state-dict helpers of
+`torch.distributed.checkpoint.state_dict`, so one code path serves a plain module, DDP and FSDP2:
+every rank writes only its own shards, and nothing is ever gathered onto rank 0 (the gather over
+PCIe is what hung the seed run). The small parts are JSON files beside them, and the whole folder is
+committed by one rename after every rank has finished.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    get_state_dict,
+)
+
+from . import layout as L
+from ._runtime import CheckpointError, Watchdog, agree, barrier, gather, rank_and_world
+from .state import capture_rng, save_scheduler, unwrap_optimizer
+
+logger = logging.getLogger("training.checkpoint")
+
+# Fields that must match between the checkpoint and the resuming run (meta keys).
+RESUME_FIELDS = (
+    "world_size",
+    "tokens_per_step",
+    "per_device_train_batch_size",
+    "seq_len",
+    "gradient_accumulation_steps",
+    "tokenizer_fingerprint",
+)
+_last_loaded: str | None = None  # recorded as meta["parent_checkpoint"] by the next save
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner unpickles non-tensor values (optimizer param_groups) with weights_only=False;
+    ours allows only tensors and plain containers."""
+
+    def load_bytes(self, read_item, value):
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _no_dist() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "accelerate", "datasets", "tokenizers"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def _json_error(obj: Any, what: str) -> str | None:
+    try:
+        json.dumps(obj)
+    except (TypeError, ValueError) as e:
+        return f"{what} is not JSON-serialisable: {e}"
+    return None if isinstance(obj, dict) else f"{what} must be a dict, got {type(obj).__name__}"
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    train_state: dict,
+    data_state: dict,
+    meta: dict,
+    keep_last: int = 2,
+    timeout_s: float = 1800.0,
+) -> Path:
+    """Save a checkpoint of `step` under `root` and return its committed path.
+
+    Collective: EVERY rank must call it with the same root and step (the ranks check this first).
+    `data_state` is this rank's; `train_state` and `meta` are taken from rank 0. After the commit,
+    rank 0 prunes to the newest `keep_last` (>= 2) committed checkpoints.
+    """
+    if keep_last < 2:
+        raise ValueError(
+            f"keep_last must be >= 2 (got {keep_last}): with one, a crash while pruning or writing "
+            "could leave no complete checkpoint"
+        )
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    root = Path(root)
+    rank, world = rank_and_world()
+    opt = unwrap_optimizer(optimizer)
+    started = time.monotonic()
+    with Watchdog("save", step, timeout_s) as wd:
+        wd.phase("agreeing on the step")
+        local_err = (
+            _json_error(train_state, "train_state")
+            or _json_error(data_state, f"data_state of rank {rank}")
+            or _json_error(meta, "meta")
+        )
+        ts_digest = hashlib.sha256(json.dumps(train_state, sort_keys=True, default=str).encode()).hexdigest()
+        views = gather((step, str(root.resolve()), os.urandom(4).hex(), ts_digest))
+        if len({(v[0], v[1]) for v in views}) > 1:
+            seen = sorted({(v[0], v[1]) for v in views})
+            local_err = local_err or (
+                f"ranks called save_checkpoint with different (step, root): {seen}; every rank must "
+                "call it at the same step with the same root"
+            )
+        if len({v[3] for v in views}) > 1 and rank == 0:
+            logger.warning("train_state differs across ranks at step %d; saving rank 0's", step)
+        agree(local_err)
+        nonce = views[0][2]
+        final = root / L.step_dirname(step)
+        tmp = root / f"{L.TMP_PREFIX}{step:08d}-{nonce}"
+
+        wd.phase("preparing folders")
+        err = None
+        if rank == 0:
+            err = _prepare_root(root, final, tmp, step)
+        agree(err)
+        try:
+            meta = {**meta, "step": step, "world_size": world, "versions": _versions()}
+            meta.setdefault("parent_checkpoint", _last_loaded)
+            meta["saved_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            _write_parts(wd, tmp, model, opt, scheduler, train_state, data_state, meta)
+            manifest = _hash_and_collect(wd, tmp, step)
+            barrier(wd, "barrier before commit")
+            wd.phase("commit")
+            err = _commit(tmp, final, manifest) if rank == 0 else None
+            agree(err)
+        except BaseException as e:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            prev = L.latest_checkpoint(root) if rank == 0 else None
+            if isinstance(e, CheckpointError | OSError | RuntimeError):
+                raise CheckpointError(
+                    f"saving step {step} to {final} failed in phase '{wd.current}': {e}. The temporary "
+                    f"folder was removed; the previous checkpoint ({prev}) is untouched."
+                ) from e
+            raise
+        if rank == 0:
+            wd.phase("pruning")
+            _prune(root, keep_last)
+    size = sum(f["size"] for f in manifest["files"].values())
+    logger.info(
+        "saved checkpoint %s (%.1f MB, %d files) in %.1f s",
+        final,
+        size / 1e6,
+        len(manifest["files"]),
+        time.monotonic() - started,
+    )
+    return final
+
+
+def _prepare_root(root: Path, final: Path, tmp: Path, step: int) -> str | None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in L.leftovers(root):
+            logger.warning("removing %s left by an interrupted save or prune", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():
+            return f"refusing to save step {step}: {final} already exists (checkpoints are never overwritten)"
+        newer = [p for s, p in L.committed(root) if s > step]
+        if newer:
+            return (
+                f"refusing to save step {step} into {root}: it already holds {newer[-1].name} from a later "
+                "step (another run or an abandoned branch); use a fresh output_dir"
+            )
+        tmp.mkdir()
+    except OSError as e:
+        return f"cannot prepare {tmp}: {e}"
+    return None
+
+
+def _write_parts(wd, tmp, model, opt, scheduler, train_state, data_state, meta) -> None:
+    rank, _ = rank_and_world()
+    wd.phase("collecting state dicts")
+    # Sharded (DTensor) state dicts under FSDP2: each rank holds only its shard; no gather.
+    model_sd, optim_sd = get_state_dict(model, opt)
+    wd.phase("writing model and optimizer shards")
+    for part, sd in (("model", model_sd), ("optimizer", optim_sd)):
+        writer = dcp.FileSystemWriter(tmp / part, sync_files=True, overwrite=False)
+        with core.quiet_single_process():
+            dcp.save(sd, storage_writer=writer, no_dist=_no_dist())
+    del model_sd, optim_sd
+    wd.phase("writing per-rank state")
+    err = None
+    try:
+        L.write_json(tmp / L.rank_file("rng", rank), capture_rng(), f"RNG state of rank {rank}")
+        L.write_json(tmp / L.rank_file("data", rank), data_state, f"data_state of rank {rank}")
+        if rank == 0:
+            L.write_json(tmp / "train_state.json", train_state, "train_state")
+            L.write_json(tmp / "meta.json", meta, "meta")
+            save_scheduler(tmp, scheduler)
+    except (OSError, CheckpointError) as e:
+        err = f"rank {rank} could not write its state: {e}"
+    agree(err)
+
+
+def _hash_and_collect(wd, tmp: Path, step: int) -> dict:
+    """Each rank hashes a slice of the files (parallel sha256), rank 0 assembles the manifest."""
+    wd.phase("hashing files")
+    rank, world = rank_and_world()
+    files = L.list_files(tmp)
+    mine, err = {}, None
+    try:
+        for rel in files[rank::world]:
+            mine[rel] = {"size": (tmp / rel).stat().st_size, "sha256": L.sha256_file(tmp / rel)}
+    except OSError as e:
+        err = f"rank {rank} could not hash {tmp}: {e}"
+    agree(err)
+    merged: dict = {}
+    for part in gather(mine):
+        merged.update(part)
+    parts = sorted({L.part_of(rel) for rel in merged})
+    expected = {"model", "optimizer", "scheduler", "train_state", "meta"}
+    expected |= {f"{k}/rank-{r:05d}" for k in ("rng", "data") for r in range(world)}
+    missing = sorted(expected - set(parts))
+    if missing:
+        raise CheckpointError(f"save of step {step} is incomplete before commit: missing {missing}")
+    return {
+        "format": L.FORMAT,
+        "format_version": L.FORMAT_VERSION,
+        "step": step,
+        "world_size": world,
+        "parts": parts,
+        "files": dict(sorted(merged.items())),
+    }
+
+
+def _commit(tmp: Path, final: Path, manifest: dict) -> str | None:
+    """Rank 0: manifest (durable), fsync folders, rename into place, fsync the parent."""
+    try:
+        L.write_json(tmp / L.MANIFEST, manifest, "manifest")
+        for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            L.fsync_dir(d)
+        if final.exists():
+            return f"refusing to commit: {final} appeared during the save (two runs share {final.parent}?)"
+        os.rename(tmp, final)
+        L.fsync_dir(final.parent)
+    except OSError as e:
+        return f"commit of {final} failed: {e}"
+    return None
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    found = L.committed(root)
+    for step, path in found[: max(0, len(found) - keep_last)]:
+        try:
+            L.remove_tree(path)
+            logger.info("pruned checkpoint %s (keep_last=%d)", path, keep_last)
+        except OSError as e:  # the new checkpoint is committed; a failed prune must not fail the save
+            logger.error("could not prune %s (step %d): %s", path, step, e)

@@ -1,0 +1,252 @@
+"""load_checkpoint, load_model_weights and check_resume_compatible.
+
+Nothing here falls back silently: every part the resumed run needs is verified against the manifest
+and restored, or the load raises CheckpointError naming the checkpoint and the part. Skipping the
+optimizer state is possible only through `reset_optimizer=True`, which is logged as a warning and
+recorded in the audit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from . import core
+from . import layout as L
+from ._runtime import CheckpointError, Watchdog, agree, rank_and_world
+from .state import load_scheduler, restore_rng, unwrap_optimizer, unwrap_scheduler
+
+logger = logging.getLogger("training.checkpoint")
+
+
+def _dcp_load(sd: dict, ckpt: Path, part: str, no_dist: bool = False) -> None:
+    """Load `sd` in place from ckpt/part; refuse keys in the checkpoint the target does not have
+    (DCP would silently ignore them: a bigger model's extra layers would vanish)."""
+    reader = dcp.FileSystemReader(ckpt / part)
+    try:
+        if part == "model":
+            saved = set(reader.read_metadata().state_dict_metadata)
+            extra = sorted(saved - set(sd))
+            if extra:
+                raise CheckpointError(
+                    f"model weights in {ckpt} do not fit the model: the checkpoint has {len(extra)} "
+                    f"tensors the model lacks, e.g. {extra[:3]}"
+                )
+        dcp.load(
+            sd, storage_reader=reader, planner=core._SafeLoadPlanner(), no_dist=no_dist or core._no_dist()
+        )
+    except CheckpointError:
+        raise
+    except Exception as e:  # DCP raises CheckpointException / RuntimeError on every rank alike
+        raise CheckpointError(f"{L.label(part)} in {ckpt} does not fit or cannot be read: {e}") from e
+
+
+def _optimizer_audit(opt: torch.optim.Optimizer) -> list[dict]:
+    groups = []
+    for i, g in enumerate(opt.param_groups):
+        steps = []
+        for p in g["params"]:
+            s = opt.state.get(p, {}).get("step")
+            if s is not None:
+                steps.append(float(s.full_tensor() if hasattr(s, "full_tensor") else s))
+        groups.append(
+            {
+                "group": i,
+                "lr": float(g.get("lr", float("nan"))),
+                "params": len(g["params"]),
+                "params_with_state": len(steps),
+                "step_min": min(steps) if steps else None,
+                "step_max": max(steps) if steps else None,
+            }
+        )
+    return groups
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    reset_optimizer: bool = False,
+    verify: str = "sha256",
+    timeout_s: float = 1800.0,
+) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG from a committed checkpoint.
+
+    Collective: every rank calls it. Returns {"train_state", "data_state" (this rank), "meta",
+    "audit"}. The caller restores its data loader from data_state. RNG is restored last.
+    `verify`: "sha256" (every file hashed, the work split across ranks) or "size" (sizes only).
+    """
+    if verify not in ("sha256", "size"):
+        raise ValueError(f"verify must be 'sha256' or 'size', got {verify!r}")
+    path = Path(path)
+    rank, world = rank_and_world()
+    opt = unwrap_optimizer(optimizer)
+    started = time.monotonic()
+    with Watchdog("load", None, timeout_s) as wd:
+        wd.phase("verifying files")
+        manifest, err, hashed = None, None, 0
+        skip = {"optimizer"} if reset_optimizer else set()
+        try:
+            manifest = L.read_manifest(path)
+            wd.step = manifest["step"]
+            required = [
+                "meta",
+                "model",
+                "scheduler",
+                "train_state",
+                f"rng/rank-{rank:05d}",
+                f"data/rank-{rank:05d}",
+            ]
+            required += [] if reset_optimizer else ["optimizer"]
+            saved_world = manifest.get("world_size")
+            if saved_world != world and (
+                f"rng/rank-{rank:05d}" not in manifest["parts"]
+                or f"data/rank-{rank:05d}" not in manifest["parts"]
+            ):
+                raise CheckpointError(
+                    f"RNG state of rank {rank} missing from {path}: saved by {saved_world} ranks, this run has "
+                    f"{world}; per-rank RNG and data-loader state cannot be mapped to another world size"
+                )
+            files = sorted(manifest["files"])
+            subset = set(files[rank::world]) if verify == "sha256" else set()
+            hashed = L.verify_files(path, manifest, required, subset, skip_parts=skip)
+        except CheckpointError as e:
+            err = str(e)
+        agree(err)
+
+        wd.phase("loading model and optimizer shards")
+        if reset_optimizer:
+            logger.warning(
+                "RESET OPTIMIZER: loading weights only from %s; AdamW moments and step counts start "
+                "from zero (requested by reset_optimizer=True)",
+                path,
+            )
+            model_sd = get_model_state_dict(model)
+            _dcp_load(model_sd, path, "model")
+            set_model_state_dict(model, model_sd)
+        else:
+            model_sd, optim_sd = get_state_dict(model, opt)
+            _dcp_load(model_sd, path, "model")
+            _dcp_load(optim_sd, path, "optimizer")
+            try:
+                set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+            except Exception as e:
+                raise CheckpointError(f"optimizer state in {path} does not fit the optimizer: {e}") from e
+        del model_sd
+
+        wd.phase("restoring scheduler, train and data state")
+        err, out = None, {}
+        try:
+            load_scheduler(path, manifest["files"], scheduler)
+            out["train_state"] = L.read_json(path / "train_state.json", "train_state", path)
+            out["data_state"] = L.read_json(path / L.rank_file("data", rank), f"data/rank-{rank:05d}", path)
+            out["meta"] = L.read_json(path / "meta.json", "meta", path)
+            rng = L.read_json(path / L.rank_file("rng", rank), f"rng/rank-{rank:05d}", path)
+            if not (isinstance(rng, dict) and "python" in rng and "torch_cpu" in rng):
+                raise CheckpointError(f"RNG state of rank {rank} in {path} is malformed")
+        except CheckpointError as e:
+            err = str(e)
+        agree(err)
+
+        inner_sched = unwrap_scheduler(scheduler)
+        ts = out["train_state"]
+        audit = {
+            "checkpoint": str(path),
+            "step": manifest["step"],
+            "tokens_seen": ts.get("tokens_seen"),
+            "world_size": {"saved": manifest.get("world_size"), "now": world},
+            "model": "restored",
+            "optimizer": "RESET (reset_optimizer=True)" if reset_optimizer else "restored",
+            "optimizer_groups": _optimizer_audit(opt),
+            "scheduler": {
+                "type": type(inner_sched).__name__,
+                "last_epoch": getattr(inner_sched, "last_epoch", None),
+                "last_lr": list(getattr(inner_sched, "_last_lr", []) or []),
+            },
+            "data_state": f"restored for rank {rank}",
+            "rng": f"restored for rank {rank}",
+            "verify": verify,
+            "files_verified": len(manifest["files"]) - sum(L.part_of(f) in skip for f in manifest["files"]),
+            "bytes_hashed_by_this_rank": hashed,
+            "load_seconds": round(time.monotonic() - started, 2),
+        }
+        if rank == 0:
+            logger.info("resume audit:\n%s", format_audit(audit))
+        wd.phase("restoring RNG")
+        audit["rng_generators"] = restore_rng(rng, f"{path} (rank {rank})")
+    core._last_loaded = str(path)
+    return {**out, "audit": audit}
+
+
+def format_audit(audit: dict) -> str:
+    lines = [f"  {k}: {v}" for k, v in audit.items() if k != "optimizer_groups"]
+    for g in audit.get("optimizer_groups", []):
+        lines.append(
+            f"  optimizer group {g['group']}: lr={g['lr']:.3e} params={g['params']} "
+            f"with_state={g['params_with_state']} adam_step=[{g['step_min']}, {g['step_max']}]"
+        )
+    return "\n".join(lines)
+
+
+def load_model_weights(path: str | Path, model: torch.nn.Module) -> dict:
+    """Single process, no process group: the full model weights of a (sharded) checkpoint into a
+    plain module, e.g. for `genesis export`. Model files are sha256-verified. Returns meta."""
+    path = Path(path)
+    manifest = L.read_manifest(path)
+    others = {L.part_of(f) for f in manifest["files"]} - {"model", "meta"}
+    L.verify_files(path, manifest, ["model", "meta"], None, skip_parts=others)
+    sd = get_model_state_dict(model)
+    _dcp_load(sd, path, "model", no_dist=True)
+    set_model_state_dict(model, sd)
+    return L.read_meta(path)
+
+
+def check_resume_compatible(saved_meta: dict, current_meta: dict, overrides: Iterable[str] = ()) -> list[str]:
+    """Refuse a resume whose batch geometry or tokenizer differs, unless the field is overridden.
+
+    Compares RESUME_FIELDS. `current_meta` may omit world_size (taken from the process group) and
+    tokens_per_step (computed from its factors). Returns the overrides actually used (each logged
+    as a WARNING); raises CheckpointError listing every mismatch otherwise.
+    """
+    overrides = set(overrides)
+    unknown = overrides - set(core.RESUME_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown override(s) {sorted(unknown)}; valid: {', '.join(core.RESUME_FIELDS)}")
+    current = dict(current_meta)
+    current.setdefault("world_size", rank_and_world()[1])
+    for meta in (current, saved_meta := dict(saved_meta)):
+        factors = ("per_device_train_batch_size", "gradient_accumulation_steps", "seq_len", "world_size")
+        if "tokens_per_step" not in meta and all(isinstance(meta.get(f), int) for f in factors):
+            prod = 1
+            for f in factors:
+                prod *= meta[f]
+            meta["tokens_per_step"] = prod
+    used, mismatches = [], []
+    for field in core.RESUME_FIELDS:
+        s, c = saved_meta.get(field), current.get(field)
+        if s == c:
+            continue
+        if field in overrides:
+            logger.warning("resume override: %s was %r in the checkpoint, now %r (--overrides)", field, s, c)
+            used.append(field)
+        else:
+            mismatches.append(f"{field}: checkpoint {s!r}, now {c!r}")
+    if mismatches:
+        raise CheckpointError(
+            "cannot resume: the run does not match the checkpoint (" + "; ".join(mismatches) + "). "
+            "Pass the field names as overrides to accept the change deliberately."
+        )
+    return used
