@@ -9,6 +9,7 @@ committed by one rename after every rank has finished.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -17,6 +18,7 @@ import os
 import platform
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,14 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
+
+
+@contextlib.contextmanager
+def quiet_single_process():
+    """DCP warns on every single-process save/load ("assuming the intent is ..."): that is our intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _no_dist() -> bool:
@@ -201,7 +211,7 @@ def _write_parts(wd, tmp, model, opt, scheduler, train_state, data_state, meta) 
     wd.phase("writing model and optimizer shards")
     for part, sd in (("model", model_sd), ("optimizer", optim_sd)):
         writer = dcp.FileSystemWriter(tmp / part, sync_files=True, overwrite=False)
-        with core.quiet_single_process():
+        with quiet_single_process():
             dcp.save(sd, storage_writer=writer, no_dist=_no_dist())
     del model_sd, optim_sd
     wd.phase("writing per-rank state")

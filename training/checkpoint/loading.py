@@ -43,9 +43,10 @@ def _dcp_load(sd: dict, ckpt: Path, part: str, no_dist: bool = False) -> None:
                     f"model weights in {ckpt} do not fit the model: the checkpoint has {len(extra)} "
                     f"tensors the model lacks, e.g. {extra[:3]}"
                 )
-        dcp.load(
-            sd, storage_reader=reader, planner=core._SafeLoadPlanner(), no_dist=no_dist or core._no_dist()
-        )
+        with core.quiet_single_process():
+            dcp.load(
+                sd, storage_reader=reader, planner=core._SafeLoadPlanner(), no_dist=no_dist or core._no_dist()
+            )
     except CheckpointError:
         raise
     except Exception as e:  # DCP raises CheckpointException / RuntimeError on every rank alike
