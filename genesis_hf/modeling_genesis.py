@@ -114,6 +114,7 @@ class GenesisMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj.writes_residual = True  # scaled init, see GenesisPreTrainedModel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -172,6 +173,7 @@ class GenesisAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_out, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_out, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_out, config.hidden_size, bias=config.attention_bias)
+        self.o_proj.writes_residual = True  # scaled init, see GenesisPreTrainedModel
 
     def forward(
         self,
@@ -262,12 +264,14 @@ class GenesisPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)  # N(0, initializer_range), zeros, ones, RoPE tables
-        if isinstance(module, (GenesisAttention, GenesisMLP)):
-            out_proj = module.o_proj if isinstance(module, GenesisAttention) else module.down_proj
+        if isinstance(module, nn.Linear) and getattr(module, "writes_residual", False):
             std = self.config.initializer_range / (2 * self.config.num_hidden_layers) ** 0.5
             # transformers' `init` helpers skip tensors already loaded from a checkpoint.
-            init.normal_(out_proj.weight, mean=0.0, std=std)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)  # N(0, initializer_range), zeros, ones, RoPE tables
 
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
         """transformers' save (safetensors, config with `auto_map`, this code) plus our model card."""

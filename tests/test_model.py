@@ -1,0 +1,193 @@
+"""GenesisConfig and GenesisForCausalLM on CPU: sizes, validation, loss, attention paths, cache, checkpointing."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genesis_hf import GenesisConfig, GenesisForCausalLM, causal_lm_loss
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def tiny_model(**overrides) -> GenesisForCausalLM:
+    torch.manual_seed(0)
+    return GenesisForCausalLM(GenesisConfig(**{**TINY, **overrides})).eval()
+
+
+def test_default_config_is_genesis_1b():
+    config = GenesisConfig()
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (1536, 32, 4736)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (12, 6, 128)
+    assert (config.vocab_size, config.max_position_embeddings) == (49152, 2048)
+    assert config.rope_parameters["rope_theta"] == 500_000.0
+    assert config.tie_word_embeddings
+    with torch.device("meta"):
+        model = GenesisForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == 1_000_441_344
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(hidden_size=1000), "hidden_size (1000) must be divisible by num_attention_heads (12)"),
+        (
+            dict(num_key_value_heads=5),
+            "num_attention_heads (12) must be divisible by num_key_value_heads (5)",
+        ),
+        (dict(hidden_size=36, num_attention_heads=12, num_key_value_heads=6), "head_dim must be even, got 3"),
+        (dict(num_hidden_layers=0), "num_hidden_layers must be a positive integer, got 0"),
+        (dict(vocab_size=-1), "vocab_size must be a positive integer, got -1"),
+        (dict(rope_theta=-5.0), "rope_theta must be positive, got -5.0"),
+    ],
+)
+def test_bad_config_raises_value_error_with_numbers(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        GenesisConfig(**kwargs)
+    assert message in str(err.value)
+
+
+def test_rope_theta_is_configurable_and_round_trips(tmp_path):
+    config = GenesisConfig(**TINY, rope_theta=10_000.0)
+    config.save_pretrained(tmp_path)
+    assert GenesisConfig.from_pretrained(tmp_path).rope_parameters["rope_theta"] == 10_000.0
+
+
+def test_bad_inputs_fail_before_any_kernel():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"Token id 256 is outside the vocabulary \[0, 256\)"):
+        model(torch.tensor([[1, 2, 256]]))
+    with pytest.raises(ValueError, match=r"Token id -3 is outside the vocabulary"):
+        model(torch.tensor([[1, -3]]))
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_loss_equals_plain_cross_entropy_values_and_gradients():
+    model = tiny_model(loss_chunk_size=7)  # a chunk size that does not divide the token count
+    ids = torch.randint(0, 256, (3, 20))
+    labels = ids.clone()
+    labels[0, :5] = -100  # prompt masking
+    labels[2, 10:] = -100
+
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    logits = model(ids).logits.float()
+    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(fused[name], param.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_loss_with_num_items_in_batch_is_a_sum_over_that_count():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        mean = model(ids, labels=ids).loss
+        summed = model(ids, labels=ids, num_items_in_batch=100).loss
+    n_tokens = 2 * 11
+    torch.testing.assert_close(summed * 100, mean * n_tokens)
+
+
+def test_loss_never_builds_full_logits_unless_asked():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 12))
+    assert model(ids, labels=ids).logits is None
+    out = model(ids, labels=ids, return_logits=True)
+    assert out.logits.shape == (2, 12, 256)
+
+
+def test_causal_lm_loss_function_matches_reference_in_bf16_tolerance():
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 33, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(1000, 16, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 1000, (2, 33))
+    loss = causal_lm_loss(hidden, weight, labels, chunk_size=10)
+    ref = F.cross_entropy((hidden[:, :-1] @ weight.t()).float().flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
+    loss.backward()
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
+
+
+def test_sdpa_matches_eager_reference():
+    ids = torch.randint(0, 256, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # left padding
+    eager = tiny_model(attn_implementation="eager")
+    sdpa = tiny_model(attn_implementation="sdpa")
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        a = eager(ids, attention_mask=mask).logits
+        b = sdpa(ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[mask.bool()], b[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_decoding_equals_full_recompute():
+    model = tiny_model()
+    prompt = torch.randint(0, 256, (2, 5))
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
+        nocache = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+        assert torch.equal(out, nocache)
+        # The last generated token is the argmax of a full forward over everything before it.
+        logits = model(out[:, :-1]).logits[:, -1]
+    assert torch.equal(logits.argmax(-1), out[:, -1])
+
+
+def test_sampling_and_beam_search_generate():
+    model = tiny_model()
+    prompt = torch.randint(0, 256, (1, 4))
+    torch.manual_seed(3)
+    a = model.generate(prompt, max_new_tokens=8, do_sample=True, temperature=0.9, top_p=0.9)
+    torch.manual_seed(3)
+    b = model.generate(prompt, max_new_tokens=8, do_sample=True, temperature=0.9, top_p=0.9)
+    assert torch.equal(a, b) and a.shape == (1, 12)
+    beams = model.generate(prompt, max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert beams.shape == (2, 12)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, 256, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert all(layer.gradient_checkpointing for layer in model.model.layers)
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_no_split_modules_name_the_decoder_layer():
+    model = tiny_model()
+    names = {type(m).__name__ for m in model.modules()}
+    assert set(model._no_split_modules) == {"GenesisDecoderLayer"}
+    assert "GenesisDecoderLayer" in names
+
+
+def test_initialisation_is_documented_scheme():
+    model = GenesisForCausalLM(GenesisConfig(**{**TINY, "hidden_size": 256, "intermediate_size": 512}))
+    std = model.config.initializer_range
+    layers = model.config.num_hidden_layers
+    q = model.model.layers[0].self_attn.q_proj.weight
+    o = model.model.layers[0].self_attn.o_proj.weight
+    down = model.model.layers[1].mlp.down_proj.weight
+    assert abs(q.std().item() - std) < 0.1 * std
+    assert abs(o.std().item() - std / (2 * layers) ** 0.5) < 0.1 * std
+    assert abs(down.std().item() - std / (2 * layers) ** 0.5) < 0.1 * std
+    assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
