@@ -24,7 +24,8 @@ from pathlib import Path
 
 from alignment.constitution import DEFAULT_CONSTITUTION, load_constitution, record_in_model_card
 from alignment.data import load_preference_dataset
-from alignment.generate import require_chat_template, set_chat_stop_tokens
+from alignment.generate import require_chat_template
+from alignment.sft import save_final
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +92,7 @@ def main(script_args: DPOScriptArguments, training_args, model_args) -> dict:
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
-    set_chat_stop_tokens(trainer.accelerator.unwrap_model(trainer.model), tokenizer)
-    trainer.save_model(training_args.output_dir)
+    save_final(trainer, tokenizer, training_args.output_dir)
     margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
     if trainer.accelerator.is_main_process:
         record_in_model_card(

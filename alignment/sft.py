@@ -87,6 +87,18 @@ def load_mixture(script_args, tokenizer):
                                          "truncated": sum(s["truncated"] for s in stats)}
 
 
+def save_final(trainer, tokenizer, output_dir: str) -> None:
+    """Save a `from_pretrained` folder that stops generation on <|im_end|>, on every rank (FSDP needs all).
+
+    The pretraining FSDP config keeps SHARDED_STATE_DICT (DCP) for checkpoints; the final model is
+    one gather to a full state dict on rank 0 (CPU offload) so the folder loads anywhere.
+    """
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    set_chat_stop_tokens(trainer.accelerator.unwrap_model(trainer.model), tokenizer)
+    trainer.save_model(output_dir)
+
+
 def main(script_args: SFTScriptArguments, training_args, model_args) -> dict:
     """Train, save (model, tokenizer, model card with the constitution) and return metrics."""
     from transformers import AutoTokenizer
@@ -119,8 +131,7 @@ def main(script_args: SFTScriptArguments, training_args, model_args) -> dict:
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
-    set_chat_stop_tokens(trainer.accelerator.unwrap_model(trainer.model), tokenizer)
-    trainer.save_model(training_args.output_dir)
+    save_final(trainer, tokenizer, training_args.output_dir)
     if trainer.accelerator.is_main_process:
         record_in_model_card(
             training_args.output_dir, constitution, "sft",
