@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ._runtime import CheckpointError
+from ._runtime import CheckpointError, fault_point
 
 logger = logging.getLogger("training.checkpoint")
 
@@ -276,4 +276,5 @@ def remove_tree(path: Path) -> None:
     trash = path.with_name(f"{TRASH_PREFIX}{path.name.removeprefix('step-')}-{os.urandom(4).hex()}")
     os.rename(path, trash)
     fsync_dir(path.parent)
+    fault_point("deleting pruned checkpoint")
     shutil.rmtree(trash, ignore_errors=True)

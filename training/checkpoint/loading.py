@@ -167,7 +167,7 @@ def load_checkpoint(
         audit = {
             "checkpoint": str(path),
             "step": manifest["step"],
-            "tokens_seen": ts.get("tokens_seen"),
+            "tokens_seen": ts.get("tokens_seen", ts.get("tokens")),
             "world_size": {"saved": manifest.get("world_size"), "now": world},
             "model": "restored",
             "optimizer": "RESET (reset_optimizer=True)" if reset_optimizer else "restored",

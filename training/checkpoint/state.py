@@ -28,7 +28,8 @@ except ImportError:  # pragma: no cover
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """Accelerate's AcceleratedOptimizer keeps the real optimizer in `.optimizer`."""
     inner = optimizer
-    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+    # AcceleratedOptimizer subclasses Optimizer, so unwrap by attribute, not by type.
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
         inner = inner.optimizer
     if not isinstance(inner, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer (or wrap one), got {type(optimizer)}")
@@ -38,7 +39,7 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 def unwrap_scheduler(scheduler: Any) -> Any:
     """Accelerate's AcceleratedScheduler keeps the real scheduler in `.scheduler`."""
     inner = scheduler
-    while hasattr(inner, "scheduler") and not hasattr(inner, "last_epoch"):
+    while hasattr(inner, "scheduler") and hasattr(inner.scheduler, "state_dict"):
         inner = inner.scheduler
     if not (hasattr(inner, "state_dict") and hasattr(inner, "load_state_dict")):
         raise TypeError(f"scheduler must have state_dict/load_state_dict, got {type(scheduler)}")
