@@ -38,6 +38,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be saved, found, verified or restored. The message names path and part."""
 
 
+def describe(e: BaseException) -> str:
+    """One line for an exception; DCP's CheckpointException (a BaseException holding every failed
+    rank's exception and traceback) becomes 'rank 0: OSError: ...; rank 1: ...'."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for r, pair in sorted(failures.items()):
+            exc = pair[0] if isinstance(pair, tuple) else pair
+            parts.append(f"rank {r}: {type(exc).__name__}: {exc}")
+        return "; ".join(parts)
+    return f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)
+
+
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

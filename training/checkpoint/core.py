@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from . import layout as L
-from ._runtime import CheckpointError, Watchdog, agree, barrier, gather, rank_and_world
+from ._runtime import CheckpointError, Watchdog, agree, barrier, describe, gather, rank_and_world
 from .state import capture_rng, save_scheduler, unwrap_optimizer
 
 logger = logging.getLogger("training.checkpoint")
@@ -163,12 +163,12 @@ def save_checkpoint(
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             prev = L.latest_checkpoint(root) if rank == 0 else None
-            if isinstance(e, CheckpointError | OSError | RuntimeError):
-                raise CheckpointError(
-                    f"saving step {step} to {final} failed in phase '{wd.current}': {e}. The temporary "
-                    f"folder was removed; the previous checkpoint ({prev}) is untouched."
-                ) from e
-            raise
+            if isinstance(e, KeyboardInterrupt | SystemExit):
+                raise
+            raise CheckpointError(
+                f"saving step {step} to {final} failed in phase '{wd.current}': {describe(e)}. The "
+                f"temporary folder was removed; the previous checkpoint ({prev}) is untouched."
+            ) from e
         if rank == 0:
             wd.phase("pruning")
             _prune(root, keep_last)

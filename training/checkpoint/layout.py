@@ -185,14 +185,16 @@ def verify_files(
         if size != info["size"]:
             kind = "empty (zero bytes)" if size == 0 else "truncated or altered"
             raise CheckpointError(
-                f"{label(part)} in {ckpt} is {kind}: {rel} has {size} bytes, the manifest says {info['size']}"
+                f"{label(part)} in {ckpt} is damaged: {rel} is {kind}, {size} bytes where the manifest "
+                f"says {info['size']}"
             )
         if hash_subset is None or rel in hash_subset:
             digest = sha256_file(path)
             hashed += size
             if digest != info["sha256"]:
                 raise CheckpointError(
-                    f"{label(part)} in {ckpt} is corrupted: sha256 of {rel} does not match the manifest"
+                    f"{label(part)} in {ckpt} is damaged: {rel} is corrupted (its sha256 does not match "
+                    "the manifest)"
                 )
     return hashed
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -24,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from . import core
 from . import layout as L
-from ._runtime import CheckpointError, Watchdog, agree, rank_and_world
+from ._runtime import CheckpointError, Watchdog, agree, describe, rank_and_world
 from .state import load_scheduler, restore_rng, unwrap_optimizer, unwrap_scheduler
 
 logger = logging.getLogger("training.checkpoint")
@@ -49,8 +50,10 @@ def _dcp_load(sd: dict, ckpt: Path, part: str, no_dist: bool = False) -> None:
             )
     except CheckpointError:
         raise
-    except Exception as e:  # DCP raises CheckpointException / RuntimeError on every rank alike
-        raise CheckpointError(f"{L.label(part)} in {ckpt} does not fit or cannot be read: {e}") from e
+    except (Exception, CheckpointException) as e:  # DCP raises on every rank alike
+        raise CheckpointError(
+            f"{L.label(part)} in {ckpt} does not fit or cannot be read: {describe(e)}"
+        ) from e
 
 
 def _optimizer_audit(opt: torch.optim.Optimizer) -> list[dict]:
