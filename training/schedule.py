@@ -124,14 +124,15 @@ def make_scheduler(optimizer, schedule: LRSchedule):
         s = holder["schedule"]
         return s.lr(step) / s.max_lr if s.max_lr > 0 else 0.0
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-    scheduler.genesis_schedule = holder  # lets the trainer swap the schedule after an extension
-    return scheduler
+    # The holder rides on the function, not the scheduler: LambdaLR.state_dict saves the
+    # scheduler's __dict__ (it must stay plain data) but nothing of a plain function.
+    multiplier.holder = holder
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
 def set_schedule(scheduler, schedule: LRSchedule, step: int) -> None:
     """Swap the schedule of a make_scheduler() LambdaLR and set the LR for `step`."""
-    scheduler.genesis_schedule["schedule"] = schedule
+    scheduler.lr_lambdas[0].holder["schedule"] = schedule
     scheduler.base_lrs = [schedule.max_lr for _ in scheduler.base_lrs]
     lr = schedule.lr(step)
     for group in scheduler.optimizer.param_groups:

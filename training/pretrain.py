@@ -1,0 +1,277 @@
+"""Pretrain Genesis with Accelerate: FSDP2 on GPUs, DDP-like gloo on CPU, one process anywhere.
+
+Launch (hardware in the accelerate config, hyperparameters in the recipe, overrides on the CLI):
+
+    # the seed's run: 2x RTX 4090 over PCIe, FSDP2, bf16, activation checkpointing
+    accelerate launch --config_file accelerate_configs/fsdp_2gpu_pcie.yaml \
+        training/pretrain.py --config training/recipes/genesis-1b.yaml
+    # one GPU
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml \
+        training/pretrain.py --config training/recipes/genesis-1b.yaml --gradient_accumulation_steps 64
+    # 2 CPU processes (what the tests run), or a single process
+    OMP_NUM_THREADS=1 accelerate launch --config_file accelerate_configs/cpu.yaml \
+        training/pretrain.py --config training/recipes/debug.yaml
+    python training/pretrain.py --config training/recipes/debug.yaml --max_steps 5
+    # extend a finished 20k run to 40k (LR rule in training/schedule.py)
+    accelerate launch ... training/pretrain.py --config ... --resume auto --max_steps 40000
+
+`--resume auto` continues from the newest committed checkpoint in <output_dir>/checkpoints (a
+fresh start if there is none), so a restart loop is safe. Outputs: <output_dir>/metrics.jsonl,
+<output_dir>/checkpoints/step-XXXXXXXX/, wandb (offline without WANDB_API_KEY).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # `python training/pretrain.py` / `accelerate launch training/pretrain.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from training.reliability import set_launch_env  # noqa: E402  (must run before CUDA starts)
+
+_LAUNCH_NOTES = set_launch_env()
+
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+from datetime import timedelta  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from accelerate import Accelerator, InitProcessGroupKwargs  # noqa: E402
+from accelerate.utils import DistributedType, set_seed  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from training.args import ConfigError, PretrainArguments, parse_args  # noqa: E402
+from training.checkpoint import CheckpointError  # noqa: E402
+from training.metrics import MetricsLogger, scrub  # noqa: E402
+from training.reliability import SpikeGuard, TestFaults, startup_check  # noqa: E402
+from training.run_setup import (  # noqa: E402
+    StepResult,
+    all_reduce_sum,
+    build_meta,
+    build_model,
+    build_optimizer,
+    load_data,
+    log_audit,
+    restore,
+    speed_metrics,
+)
+from training.schedule import LRSchedule, make_scheduler  # noqa: E402
+
+logger = logging.getLogger("training.pretrain")
+
+EXIT_NONFINITE = 3  # the run stopped on a non-finite loss/gradient or a spike (policy stop)
+
+
+def forward_backward(model, accelerator, batch: torch.Tensor, *, sync: bool, scale: float, faults, step):
+    """One micro-batch. batch: (B, T+1) int64 from the loader; returns the detached mean loss.
+
+    The model shifts labels inside (Llama convention), so input and labels are the same (B, T)
+    window: positions 0..T-2 predict 1..T-1. Every micro-batch has B*(T-1) targets, so the
+    mean of the micro-batch means is the token mean over the whole step.
+    """
+    x = batch[:, :-1].to(accelerator.device, non_blocking=True)  # (B, T)
+    # no_sync on all but the last micro-batch: gradients are reduced once per optimizer step.
+    ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+    with ctx:
+        loss = model(input_ids=x, labels=x).loss  # () fp32, mean over B*(T-1)
+        loss = faults.scale_loss(loss, step)
+        accelerator.backward(loss * scale)
+    return loss.detach().float()
+
+
+def train_step(model, optimizer, scheduler, loader, accelerator, args, guard, faults, step) -> StepResult:
+    """Accumulate, clip, check, step. `step` is the 1-based number of the step being made."""
+    accum = args.gradient_accumulation_steps
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for micro in range(accum):
+        batch = loader.next_batch()
+        loss_sum += forward_backward(model, accelerator, batch, sync=micro == accum - 1, scale=1.0 / accum,
+                                     faults=faults, step=step)
+    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)  # pre-clip global norm
+    # One collective per step: the loss of every rank (NaN/inf on any rank poisons the sum).
+    loss_sum, = all_reduce_sum(torch.stack([loss_sum / accum]), accelerator.device)  # CPU-GPU sync point
+    loss = loss_sum.item() / accelerator.num_processes
+    grad_norm = float(grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    problem = None
+    if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(torch.tensor(grad_norm))):
+        problem = "non-finite loss or gradients"
+    else:
+        spike, median = guard.is_spike(loss)
+        if spike:
+            problem = f"loss spike ({loss:.4g} > {guard.factor:g} x running median {median:.4g})"
+    if problem is None:
+        optimizer.step()
+        guard.accept(loss)
+    optimizer.zero_grad(set_to_none=True)  # poisoned gradients are dropped here, never applied
+    if problem is None or args.nonfinite_policy == "skip":
+        scheduler.step()  # LR stays a function of the step number, skipped steps included
+    return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, problem=problem)
+
+
+def train(args: PretrainArguments) -> int:
+    kwargs = InitProcessGroupKwargs(timeout=timedelta(minutes=args.pg_timeout_minutes))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # Several processes and no accelerator: gloo on CPU. `accelerate launch` starts the processes
+    # (torchrun) but does not pass use_cpu on to them, so we say it here.
+    accelerator = Accelerator(kwargs_handlers=[kwargs], cpu=launched > 1 and not torch.accelerator.is_available())
+    rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if world != launched:  # every process would think it is rank 0 and write the same files
+        raise RuntimeError(f"{launched} processes were launched but Accelerate set up {world} "
+                           f"({accelerator.distributed_type}); refusing to train")
+    logging.basicConfig(level=logging.INFO if main_proc else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
+    for note in _LAUNCH_NOTES:
+        logger.info("launch environment: %s", note)
+    latency = startup_check(accelerator, args.startup_check_timeout_s)
+    logger.info("start-up all-reduce over %d process(es): %.3fs (%s)", world, latency, accelerator.distributed_type)
+
+    set_seed(args.seed)  # same init on every rank; the loader's order has its own seed
+    tokenizer, fingerprint, loader, val = load_data(args, accelerator)
+    model = build_model(args, tokenizer)
+    fsdp_ckpt = accelerator.distributed_type == DistributedType.FSDP and getattr(
+        accelerator.state.fsdp_plugin, "activation_checkpointing", False)
+    if args.gradient_checkpointing and not fsdp_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    meta = build_meta(args, accelerator, model, fingerprint)  # before sharding: full parameter counts
+    logger.info("model: %s parameters, %.3g FLOPs/token; %s", f"{meta['n_params']:,}", meta["flops_per_token"],
+                meta["peak_flops_note"])
+    optimizer = build_optimizer(model, args)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    schedule = LRSchedule.from_args(args)
+    scheduler = make_scheduler(optimizer, schedule)
+
+    ckpt_root = Path(args.output_dir) / "checkpoints"
+    train_state = {"step": 0, "tokens_seen": 0, "lr_schedule": schedule.to_dict(), "skipped_steps": 0,
+                   "loss_history": [], "last_loss": None, "parent_checkpoint": None}
+    resumed = restore(args, accelerator, model, optimizer, scheduler, loader, meta, ckpt_root)
+    if resumed is not None:
+        train_state, audit = resumed
+        log_audit(audit, main_proc)
+    step = train_state["step"]
+    guard = SpikeGuard(args.spike_factor, args.spike_window, train_state["loss_history"])
+    faults = TestFaults(rank)
+    metrics = MetricsLogger(args.output_dir, enabled=main_proc, report_to=args.report_to,
+                            project=args.wandb_project, run_name=args.run_name,
+                            config=scrub(dataclasses.asdict(args) | {"model": meta["model_config"]}))
+    tokens_per_step = meta["tokens_per_step"]
+    bar = tqdm(total=args.max_steps, initial=step, disable=not (main_proc and args.progress_bar),
+               desc="pretrain", unit="step", dynamic_ncols=True)
+    logger.info("training steps %d -> %d, %s tokens/step, %d process(es)", step, args.max_steps,
+                f"{tokens_per_step:,}", world)
+
+    last_save, consecutive_skips, window_t, window_steps = time.monotonic(), 0, 0.0, 0
+    last_saved_step = step if resumed is not None else -1
+    exit_code = 0
+    while step < args.max_steps:
+        t0 = time.monotonic()
+        res = train_step(model, optimizer, scheduler, loader, accelerator, args, guard, faults, step + 1)
+        window_t += time.monotonic() - t0
+        window_steps += 1
+        if res.problem is not None:
+            consecutive_skips += 1
+            train_state["skipped_steps"] += 1
+            msg = (f"step {step + 1}: {res.problem} (loss {res.loss}, grad_norm {res.grad_norm}); optimizer step "
+                   f"NOT taken; policy {args.nonfinite_policy}")
+            if args.nonfinite_policy == "stop" or consecutive_skips > args.max_consecutive_skips:
+                logger.error("%s -> stopping; no checkpoint of this state is written (last: step %s)",
+                             msg, last_saved_step if last_saved_step >= 0 else "none")
+                metrics.log({"step": step + 1, "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
+                             "event": "stopped", "problem": res.problem, "policy": args.nonfinite_policy})
+                exit_code = EXIT_NONFINITE
+                break
+            logger.warning("%s -> skipped (%d in a row)", msg, consecutive_skips)
+        else:
+            consecutive_skips = 0
+        step += 1
+        train_state.update(step=step, tokens_seen=train_state["tokens_seen"] + tokens_per_step,
+                           loss_history=list(guard.history), last_loss=res.loss)
+        bar.update(1)
+
+        if step % args.logging_steps == 0 or step == args.max_steps or res.problem:
+            record = {"step": step, "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
+                      "tokens": train_state["tokens_seen"], "tokens_by_source": tokens_by_source(loader, accelerator)}
+            record |= speed_metrics(meta, window_steps * tokens_per_step, window_t, accelerator)
+            if res.problem:
+                record |= {"skipped": True, "problem": res.problem, "policy": args.nonfinite_policy}
+            window_t, window_steps = 0.0, 0
+            if args.eval_steps and (step % args.eval_steps == 0 or step == args.max_steps):
+                record["val_loss"] = evaluate(model, val, accelerator)
+            metrics.log(record)
+            bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}", tok_s=f"{record['tok_s']:.0f}")
+
+        # Save decision: by steps, by wall time (rank 0's clock, agreed by every rank), at the end.
+        time_due = args.save_minutes > 0 and time.monotonic() - last_save >= args.save_minutes * 60
+        due = (args.save_steps and step % args.save_steps == 0) or step == args.max_steps
+        flag = torch.tensor([float(due or (time_due and main_proc))])
+        if all_reduce_sum(flag, accelerator.device).item() > 0:
+            save(args, ckpt_root, step, model, optimizer, scheduler, loader, train_state, meta)
+            last_save, last_saved_step = time.monotonic(), step
+        faults.after_step(step)
+    bar.close()
+    metrics.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return exit_code
+
+
+def tokens_by_source(loader, accelerator) -> dict[str, int]:
+    """Per-source tokens consumed by ALL ranks (each loader counts its own)."""
+    names = sorted(loader.tokens_by_source)
+    counts = torch.tensor([loader.tokens_by_source[n] for n in names], dtype=torch.float64)
+    counts = all_reduce_sum(counts, accelerator.device).cpu()
+    return {n: int(c) for n, c in zip(names, counts.tolist())}
+
+
+@torch.no_grad()
+def evaluate(model, val: dict[str, list[torch.Tensor]], accelerator) -> dict[str, float]:
+    """Mean held-out loss per source. Every rank runs the same batches (FSDP needs every rank
+    in every forward), so no reduction is needed."""
+    model.eval()
+    out = {}
+    for source, batches in val.items():
+        losses = [model(input_ids=(x := b[:, :-1].to(accelerator.device)), labels=x).loss.float().item()
+                  for b in batches]
+        if losses:
+            out[source] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+def save(args, ckpt_root, step, model, optimizer, scheduler, loader, train_state, meta) -> Path:
+    from training.checkpoint import save_checkpoint
+
+    t0 = time.monotonic()
+    path = save_checkpoint(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                           train_state=dict(train_state), data_state=loader.state_dict(), meta=meta,
+                           keep_last=args.keep_last, timeout_s=args.save_timeout_minutes * 60)
+    train_state["parent_checkpoint"] = str(path)
+    logger.info("step %d: checkpoint committed at %s in %.1fs", step, path, time.monotonic() - t0)
+    return path
+
+
+def main(args: PretrainArguments) -> int:
+    return train(args)
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except ConfigError as e:
+        print(f"pretrain: {e}", file=sys.stderr)
+        return 2
+    try:
+        return main(args)
+    except (ConfigError, ValueError, CheckpointError) as e:
+        logging.getLogger("training.pretrain").error("%s", e)
+        print(f"pretrain: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())

@@ -1,0 +1,169 @@
+"""Small reliability pieces of the pretraining loop: launch environment, start-up collective
+check, loss-spike guard, test-only fault injection.
+
+Kept out of pretrain.py so the loop reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import glob
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+
+logger = logging.getLogger(__name__)
+
+# Consumer GeForce cards: PCIe peer-to-peer between them hangs NCCL collectives without NVLink
+# (nccl-tests #117; the seed needed NCCL_P2P_DISABLE=1).
+_CONSUMER_GPU = ("GeForce", "RTX 4090", "RTX 4080", "RTX 3090", "RTX 3080", "TITAN")
+
+
+def _gpu_names_without_cuda() -> list[str]:
+    """GPU model names read from the driver, WITHOUT initialising CUDA (env must be set first)."""
+    names = []
+    for info in glob.glob("/proc/driver/nvidia/gpus/*/information"):
+        try:
+            for line in open(info, encoding="utf-8", errors="replace"):
+                if line.startswith("Model:"):
+                    names.append(line.split(":", 1)[1].strip())
+        except OSError:
+            pass
+    if not names:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20, check=False)
+            names = [n.strip() for n in out.stdout.splitlines() if n.strip()]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return names
+
+
+def set_launch_env() -> list[str]:
+    """Set the environment the seed needed, before torch touches CUDA. Returns lines to log.
+
+    User values always win: a variable already set is left alone (and reported).
+    """
+    notes = []
+    names = _gpu_names_without_cuda()
+    if not names:
+        return notes
+    wanted = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # less fragmentation at 2048 x micro 4
+    if any(any(c.lower() in n.lower() for c in _CONSUMER_GPU) for n in names):
+        wanted["NCCL_P2P_DISABLE"] = "1"
+    for key, value in wanted.items():
+        if key in os.environ:
+            notes.append(f"{key}={os.environ[key]} (set by you; left as is)")
+        else:
+            os.environ[key] = value
+            notes.append(f"{key}={value} (set for {names[0]})")
+    # Dump the NCCL flight recorder on a collective timeout, so a hang leaves evidence.
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
+    return notes
+
+
+def _die(msg: str, code: int = 124) -> None:
+    logger.error(msg)
+    print(msg, file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(all_threads=True)
+    os._exit(code)
+
+
+class Deadline:
+    """`with Deadline("start-up all-reduce", step=0, seconds=60):` -- on expiry, log the phase and
+    step, dump every thread's stack and exit the process (a hang becomes an error)."""
+
+    def __init__(self, phase: str, *, step: int | None, seconds: float):
+        self.phase, self.step, self.seconds = phase, step, seconds
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self):
+        msg = (f"rank {os.environ.get('RANK', '0')}: '{self.phase}' at step {self.step} did not finish "
+               f"within {self.seconds:.0f}s; exiting (a peer is probably dead or stuck)")
+        self._timer = threading.Timer(self.seconds, _die, args=(msg,))
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+        return False
+
+
+def startup_check(accelerator, seconds: float) -> float:
+    """A timed all-reduce over every rank before any work; returns its latency in seconds."""
+    import torch
+
+    t0 = time.monotonic()
+    with Deadline("start-up collective check (all-reduce)", step=0, seconds=seconds):
+        ones = torch.ones(1, device=accelerator.device)
+        total = accelerator.reduce(ones, reduction="sum")
+        if int(total.item()) != accelerator.num_processes:
+            raise RuntimeError(
+                f"start-up collective check: all-reduce gave {total.item()}, expected {accelerator.num_processes}"
+            )
+    return time.monotonic() - t0
+
+
+class SpikeGuard:
+    """Flags a loss above `factor` x the running median of the last `window` accepted losses.
+
+    The history is part of the train state, so a resumed run makes the same decisions.
+    """
+
+    def __init__(self, factor: float, window: int, history: list[float] | None = None):
+        self.factor = factor
+        self.history: deque[float] = deque(history or [], maxlen=max(window, 1))
+
+    def is_spike(self, loss: float) -> tuple[bool, float | None]:
+        if self.factor <= 0 or len(self.history) < min(10, self.history.maxlen):
+            return False, None
+        median = statistics.median(self.history)
+        return loss > self.factor * median, median
+
+    def accept(self, loss: float) -> None:
+        self.history.append(loss)
+
+
+class TestFaults:
+    """Test-only fault injection, read from GENESIS_TEST_FAULTS (never set in real runs).
+
+    Comma-separated `kind@step[:rank]` where step is the optimizer step being computed (1-based)
+    and rank defaults to every rank:
+        nan@3:1    loss x NaN on rank 1 at step 3   (poisons loss and gradients)
+        inf@3      loss x inf on every rank
+        spike@7    loss x 20 on every rank (a 20x spike)
+        kill@4     SIGKILL every rank right after step 4 (and its save) completed
+    """
+
+    ENV = "GENESIS_TEST_FAULTS"
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.faults: list[tuple[str, int, int | None]] = []
+        for item in filter(None, (s.strip() for s in os.environ.get(self.ENV, "").split(","))):
+            kind, _, where = item.partition("@")
+            step, _, r = where.partition(":")
+            self.faults.append((kind, int(step), int(r) if r else None))
+        if self.faults:
+            logger.warning("%s is set: injecting %s", self.ENV, self.faults)
+
+    def _hit(self, kind: str, step: int) -> bool:
+        return any(k == kind and s == step and r in (None, self.rank) for k, s, r in self.faults)
+
+    def scale_loss(self, loss, step: int):
+        for kind, factor in (("nan", float("nan")), ("inf", float("inf")), ("spike", 20.0)):
+            if self._hit(kind, step):
+                loss = loss * factor
+        return loss
+
+    def after_step(self, step: int) -> None:
+        if self._hit("kill", step):
+            os.kill(os.getpid(), signal.SIGKILL)
