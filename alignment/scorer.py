@@ -6,7 +6,8 @@ Two implementations behind one small interface, `scorer.score(prompt, answer) ->
   constitution's "rewards" / "penalises" lists. Curiosity is built from specifics (numbers,
   units, names, code), worked examples, mechanism ("because", "which means"), one closing
   follow-up question on top of a real answer, and depth. Hedging is built from boilerplate
-  disclaimers, deflection to a professional, non-answers and stacked qualifiers.
+  disclaimers, deflection to a professional, non-answers (questions thrown back, disclaimers with no content)
+  and stacked qualifiers; an answer too short to say anything is "empty", not a hedge.
 - `JudgeScorer`: any HF causal LM as judge. For each principle it asks a yes/no question built
   from the constitution's text and reads P(yes) from the next-token logits, so it never has to
   parse free text and it gives a number even from a tiny model.
@@ -122,12 +123,15 @@ class RuleScorer:
         mechanism = len(_MECHANISM_RE.findall(text))
         ends_with_question = bool(sentences) and sentences[-1].rstrip().endswith("?")
         questions = text.count("?")
-        # A non-answer: almost nothing said, or nothing but questions back at the user.
+        # A non-answer deflects: nothing but questions back at the user, or disclaimers with no content.
+        # Too short to say anything (e.g. an untrained model's noise) is empty, not a hedge.
         statements = [s for s in sentences if not s.rstrip().endswith("?")]
-        non_answer = n_words < 4 or not statements or (disclaimers > 0 and specifics == 0 and mechanism == 0)
+        empty = n_words < 4
+        non_answer = not empty and (not statements or (disclaimers > 0 and specifics == 0 and mechanism == 0))
 
         # A follow-up question earns credit only on top of a substantive answer, and only one.
-        followup = 1.0 if ends_with_question and len(statements) >= 2 and questions <= 2 else 0.0
+        statement_words = sum(len(_WORD_RE.findall(st)) for st in statements)
+        followup = 1.0 if ends_with_question and statement_words >= 10 and questions <= 2 else 0.0
         curiosity = (
             0.35 * min(1.0, specifics / 4)
             + 0.15 * min(1.0, examples)
@@ -135,8 +139,8 @@ class RuleScorer:
             + 0.15 * followup
             + 0.15 * min(1.0, n_words / 60)
         )
-        hedging = min(1.0, 0.4 * disclaimers + 0.2 * qualifier_excess + (0.3 if non_answer else 0.0))
-        if non_answer:
+        hedging = min(1.0, 0.4 * disclaimers + 0.2 * qualifier_excess + (0.4 if non_answer else 0.0))
+        if non_answer or empty:
             curiosity *= 0.5
         details = {
             "disclaimers": float(disclaimers),
@@ -146,6 +150,7 @@ class RuleScorer:
             "mechanism": float(mechanism),
             "followup": followup,
             "non_answer": float(non_answer),
+            "empty": float(empty),
             "words": float(n_words),
         }
         return Score(curiosity=round(curiosity, 4), hedging=round(hedging, 4),
