@@ -165,7 +165,7 @@ class JudgeScorer:
 
     For each principle: "<principle description> ... Question ... Answer ... Does the answer
     follow this principle? Answer yes or no:" and P(yes) = softmax over the logits of the
-    " yes"/" no" tokens at the next position. Curiosity is P(yes) on the curiosity principle,
+    " yes"/" no" tokens (their first tokens) at the next position. Curiosity is P(yes) on the curiosity principle,
     hedging is 1 - P(yes) on the calibrated-honesty principle, and the other principles are
     reported in `details`. Uses the tokenizer's chat template when it has one.
     """
@@ -180,14 +180,15 @@ class JudgeScorer:
         self.max_answer_chars = max_answer_chars
         self.yes_ids = self._answer_token_ids(["yes", " yes", "Yes", " Yes"])
         self.no_ids = self._answer_token_ids(["no", " no", "No", " No"])
-        if not self.yes_ids or not self.no_ids:
-            raise ValueError("judge tokenizer cannot encode 'yes'/'no' as single tokens; use the rule scorer")
+        if not self.yes_ids or not self.no_ids or set(self.yes_ids) & set(self.no_ids):
+            raise ValueError("judge tokenizer cannot tell 'yes' from 'no' by their first token; use the rule scorer")
 
     def _answer_token_ids(self, words: list[str]) -> list[int]:
+        """First token of each spelling: the whole word in a large vocabulary, its first piece in a small one."""
         ids = set()
         for w in words:
             toks = self.tokenizer.encode(w, add_special_tokens=False)
-            if len(toks) == 1:
+            if toks:
                 ids.add(toks[0])
         return sorted(ids)
 
@@ -209,6 +210,9 @@ class JudgeScorer:
             )["input_ids"]
         else:
             ids = self.tokenizer.encode(text + "\nAnswer:")
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and len(ids) > limit:  # keep the end: the answer and the yes/no question
+            ids = ids[-limit:]
         input_ids = torch.tensor([ids], device=self.model.device)
         with torch.no_grad():
             logits = self.model(input_ids=input_ids).logits[0, -1].float()  # (V,)
