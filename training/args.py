@@ -169,6 +169,9 @@ def load_recipe(path: str | Path) -> dict:
 
 
 def validate(args: PretrainArguments) -> PretrainArguments:
+    for name in ("embedded_data", "resume", "data_dir", "tokenizer_dir", "model_config", "mixture"):
+        if getattr(args, name) == "":  # `--resume ""` on the command line clears a recipe's value
+            setattr(args, name, None)
     positive = ["max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seq_len", "logging_steps"]
     for name in positive:
         if getattr(args, name) <= 0:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import faulthandler
 import glob
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -141,12 +143,18 @@ class TestFaults:
         inf@3      loss x inf on every rank
         spike@7    loss x 20 on every rank (a 20x spike)
         kill@4     SIGKILL every rank right after step 4 (and its save) completed
+    GENESIS_TEST_BATCH_LOG=<dir>: every rank appends {rank, step, micro, sha} of each micro-batch
+    to <dir>/rank-R.jsonl, so a test can compare the tokens a run consumed.
     """
 
     ENV = "GENESIS_TEST_FAULTS"
 
     def __init__(self, rank: int):
         self.rank = rank
+        self.batch_log = None
+        if log_dir := os.environ.get("GENESIS_TEST_BATCH_LOG"):
+            os.makedirs(log_dir, exist_ok=True)
+            self.batch_log = open(os.path.join(log_dir, f"rank-{rank}.jsonl"), "a", encoding="utf-8")
         self.faults: list[tuple[str, int, int | None]] = []
         for item in filter(None, (s.strip() for s in os.environ.get(self.ENV, "").split(","))):
             kind, _, where = item.partition("@")
@@ -163,6 +171,12 @@ class TestFaults:
             if self._hit(kind, step):
                 loss = loss * factor
         return loss
+
+    def log_batch(self, step: int, micro: int, batch) -> None:
+        if self.batch_log is not None:
+            sha = hashlib.sha256(batch.numpy().tobytes()).hexdigest()[:16]
+            self.batch_log.write(json.dumps({"rank": self.rank, "step": step, "micro": micro, "sha": sha}) + "\n")
+            self.batch_log.flush()
 
     def after_step(self, step: int) -> None:
         if self._hit("kill", step):
