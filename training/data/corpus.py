@@ -95,34 +95,30 @@ def iter_documents(kind: str) -> Iterator[dict]:
             yield {"text": doc + "\n", "path": f.relative_to(root).as_posix() + ":docstrings"}
 
 
-def materialize(out_dir: str | Path, *, max_bytes: dict[str, int] | None = None) -> dict[str, Path]:
-    """Write each embedded source to ``out_dir/<kind>.jsonl`` (temp file + rename), capped at
-    ``max_bytes[kind]`` UTF-8 bytes. Existing files with the same cap are reused."""
+def materialize(out_dir: str | Path, kind: str, *, max_bytes: int | None = None) -> Path:
+    """Write one embedded source to ``out_dir/<kind>[-<cap>].jsonl`` (temp file + rename), capped at
+    ``max_bytes`` UTF-8 bytes of text. An existing file built by the same Python is reused."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for kind in KINDS:
-        cap = (max_bytes or {}).get(kind)
-        path = out / f"{kind}.jsonl"
-        info_path = out / f"{kind}.info.json"
-        info = {"kind": kind, "max_bytes": cap, "python": sys.version.split()[0], "stdlib": str(stdlib_dir())}
-        if path.is_file() and info_path.is_file() and json.loads(info_path.read_text()) == info:
-            paths[kind] = path
-            continue
-        tmp = path.with_name(path.name + ".tmp")
-        size = 0
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for rec in iter_documents(kind):
-                n = len(rec["text"].encode("utf-8"))
-                if cap is not None and size + n > cap:
-                    if size > 0:
-                        continue  # keep filling with smaller documents up to the cap
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                size += n
-        os.replace(tmp, path)
-        info_path.write_text(json.dumps(info) + "\n")
-        paths[kind] = path
-    return paths
+    stem = kind if max_bytes is None else f"{kind}-{max_bytes}"
+    path, info_path = out / f"{stem}.jsonl", out / f"{stem}.info.json"
+    info = {"kind": kind, "max_bytes": max_bytes, **corpus_info()}
+    if path.is_file() and info_path.is_file() and json.loads(info_path.read_text()) == info:
+        return path
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    size = 0
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for rec in iter_documents(kind):
+            n = len(rec["text"].encode("utf-8"))
+            if max_bytes is not None and size + n > max_bytes:
+                if size + 256 > max_bytes:
+                    break
+                continue  # keep filling with smaller documents up to the cap
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            size += n
+    os.replace(tmp, path)
+    info_path.write_text(json.dumps(info) + "\n")
+    return path
 
 
 def corpus_info() -> dict:
