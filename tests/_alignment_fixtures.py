@@ -43,7 +43,7 @@ def tiny_model(vocab_size: int, seed: int = 0):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=512,
     )
     return GenesisForCausalLM(GenesisConfig(**kwargs))
 
