@@ -101,14 +101,18 @@ def test_round_trip_is_exact(tmp_path):
 
 def test_accelerate_prepared_objects(tmp_path):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    acc = Accelerator(cpu=True)
-    model, opt, sched = acc.prepare(*build(seed=0))
-    seed_all(2)
-    train_steps(model, opt, sched, 2)
-    path = _save(tmp_path, 2, model, opt, sched)
-    m2, o2, s2 = acc.prepare(*build(seed=4))
-    out = load_checkpoint(path, model=m2, optimizer=o2, scheduler=s2)
+    acc = Accelerator()
+    try:
+        model, opt, sched = acc.prepare(*build(seed=0))
+        seed_all(2)
+        train_steps(model, opt, sched, 2)
+        path = _save(tmp_path, 2, model, opt, sched)
+        m2, o2, s2 = acc.prepare(*build(seed=4))
+        out = load_checkpoint(path, model=m2, optimizer=o2, scheduler=s2)
+    finally:  # the state is a process-wide singleton: leave none behind for other tests
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert_same(snapshot(model, opt.optimizer), snapshot(m2, o2.optimizer))
     assert s2.scheduler.last_epoch == sched.scheduler.last_epoch == 2
     assert out["audit"]["optimizer_groups"][0]["step_max"] == 2.0
@@ -158,10 +162,9 @@ def test_damaged_checkpoint_is_refused_naming_the_part(ckpt_copy, case):
     assert ckpt_cli(["verify", str(ckpt_copy)]) == 1
 
 
-def test_verify_cli_exits_nonzero_naming_the_part(ckpt_copy):
-    ok = subprocess.run([sys.executable, "-m", "training.checkpoint", "verify", str(ckpt_copy)],
-                        cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert ok.returncode == 0 and "OK" in ok.stdout
+def test_verify_cli_exits_nonzero_naming_the_part(ckpt_copy, capsys):
+    assert ckpt_cli(["verify", str(ckpt_copy)]) == 0 and "OK" in capsys.readouterr().out
+    assert ckpt_cli(["list", str(ckpt_copy.parent)]) == 0 and "step 3" in capsys.readouterr().out
     shutil.rmtree(ckpt_copy / "optimizer")
     bad = subprocess.run([sys.executable, "-m", "training.checkpoint", "verify", str(ckpt_copy)],
                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -270,10 +273,11 @@ def test_latest_and_resolve_resume(tmp_path, caplog):
     p1 = _save(root, 1, model, opt, sched)
     p2 = _save(root, 2, model, opt, sched)
     (root / ".tmp-step-00000003-dead").mkdir()
-    (root / "step-00000009").mkdir()  # no manifest: never a checkpoint
+    (root / "step-00000009").mkdir()  # no manifest: never a checkpoint (damaged or hand-made)
     with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
         assert latest_checkpoint(root) == p2 and resolve_resume("auto", root) == p2
     assert ".tmp-step-00000003-dead" in caplog.text
+    assert any(r.levelname == "ERROR" and "step-00000009" in r.getMessage() for r in caplog.records)
     assert resolve_resume(str(p2), root) == p2
     with pytest.raises(CheckpointError, match="older than"):
         resolve_resume(str(p1), root)
@@ -282,6 +286,23 @@ def test_latest_and_resolve_resume(tmp_path, caplog):
     with pytest.raises(CheckpointError, match="manifest missing"):
         resolve_resume(str(root / "step-00000009"), root)
     assert read_meta(p2)["step"] == 2
+    for p in (p1, p2):
+        (p / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="refusing to start from scratch"):
+        resolve_resume("auto", root)
+
+
+def test_other_world_size_needs_the_explicit_flag(ckpt_copy, caplog):
+    m = json.loads((ckpt_copy / "manifest.json").read_text())
+    (ckpt_copy / "manifest.json").write_text(json.dumps(m | {"world_size": 2}))
+    with pytest.raises(CheckpointError, match="saved by 2 ranks, this run has 1"):
+        _load(ckpt_copy)
+    seed_all(5)
+    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+        out, (model, opt, _) = _load(ckpt_copy, reset_rng_and_data=True)
+    assert out["data_state"] is None and out["audit"]["data_state"].startswith("RESET")
+    assert "RESET RNG AND DATA STATE" in caplog.text
+    assert out["audit"]["optimizer_groups"][0]["step_max"] == 3.0
 
 
 def test_check_resume_compatible(caplog):

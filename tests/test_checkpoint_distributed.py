@@ -23,6 +23,7 @@ from training.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
+    load_model_weights,
     save_checkpoint,
 )
 from training.checkpoint.layout import committed, leftovers
@@ -39,6 +40,9 @@ def fsdp_train_save(rank: int, world: int, root: str, out: str) -> dict:
     model, opt, sched = build(seed=0, shard=True)
     seed_all(100 + rank)
     train_steps(model, opt, sched, 3)
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}  # a test-only gather, for export
+    if rank == 0:
+        torch.save(full, Path(out) / "full-step3.pt")
     path = save_checkpoint(
         root, 3, model=model, optimizer=opt, scheduler=sched, train_state={"step": 3, "tokens": 3 * 64},
         data_state={"rank": rank, "cursor": 30 + rank}, meta=META,
@@ -56,6 +60,28 @@ def fsdp_load_train(rank: int, world: int, path: str, out: str) -> dict:
     after = train_steps(model, opt, sched, 3)
     torch.save(snapshot(model, opt), Path(out) / f"resumed-{rank}.pt")
     return {"after": after, "data_state": state["data_state"], "audit": state["audit"]}
+
+
+def ddp_round_trip(rank: int, world: int, root: str) -> dict:
+    """DDP (what Accelerate uses on CPU): save, continue 2 steps; fresh replicas load and match."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model, opt, sched = build(seed=0, genesis=False)
+    ddp = DDP(model)
+    seed_all(50 + rank)
+    train_steps(ddp, opt, sched, 2)
+    path = save_checkpoint(root, 2, model=ddp, optimizer=opt, scheduler=sched, train_state={"step": 2},
+                           data_state={"rank": rank}, meta=META)  # fmt: skip
+    after, final = train_steps(ddp, opt, sched, 2), snapshot(model, opt)
+    model2, opt2, sched2 = build(seed=3, genesis=False)
+    ddp2 = DDP(model2)
+    seed_all(0)
+    state = load_checkpoint(path, model=ddp2, optimizer=opt2, scheduler=sched2)
+    assert train_steps(ddp2, opt2, sched2, 2) == after
+    assert_same(final, snapshot(model2, opt2))
+    keys = list(FileSystemReader(path / "model").read_metadata().state_dict_metadata)
+    return {"data_state": state["data_state"], "keys": keys}
 
 
 def fsdp_load_refused(rank: int, world: int, path: str) -> None:
@@ -117,6 +143,34 @@ def test_fsdp_resume_is_exact(fsdp_run):
         b = torch.load(out / f"resumed-{r.rank}.pt", weights_only=True)
         assert any(k.endswith("exp_avg_sq") for k in a)
         assert_same(a, b)
+
+
+def test_fsdp_checkpoint_exports_and_reshards_to_one_process(fsdp_run):
+    """The 2-rank sharded checkpoint loads into a plain module (export) and, with the explicit
+    reset_rng_and_data flag only, resumes in 1 process (model and AdamW state resharded)."""
+    out, straight = fsdp_run
+    path = Path(straight[0].value["path"])
+    full = torch.load(out / "full-step3.pt", weights_only=True)
+    plain, _, _ = build(seed=8)
+    meta = load_model_weights(path, plain)
+    assert meta["world_size"] == 2 and meta["step"] == 3
+    assert_same(full, dict(plain.named_parameters()))
+    model, opt, sched = build(seed=8)
+    with pytest.raises(CheckpointError, match="saved by 2 ranks, this run has 1"):
+        load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
+    state = load_checkpoint(path, model=model, optimizer=opt, scheduler=sched, reset_rng_and_data=True)
+    assert state["data_state"] is None and state["audit"]["rng"].startswith("RESET")
+    assert state["audit"]["optimizer_groups"][0]["step_max"] == 3.0
+    assert_same(full, dict(model.named_parameters()))
+
+
+def test_ddp_resume_is_exact(tmp_path):
+    res = run_ranks("test_checkpoint_distributed:ddp_round_trip", 2, kwargs={"root": str(tmp_path / "c")},
+                    result_dir=tmp_path / "r", timeout=120)  # fmt: skip
+    for r in res:
+        assert r.returncode == 0, f"rank {r.rank} failed:\n{r.stderr[-4000:]}"
+        assert r.value["data_state"] == {"rank": r.rank}
+        assert r.value["keys"] and not any(k.startswith("module.") for k in r.value["keys"])
 
 
 def test_fsdp_every_rank_writes_its_own_shard(fsdp_run):

@@ -162,7 +162,8 @@ def save_checkpoint(
         except BaseException as e:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            prev = L.latest_checkpoint(root) if rank == 0 else None
+            found = L.committed(root)
+            prev = found[-1][1] if found else None
             if isinstance(e, KeyboardInterrupt | SystemExit):
                 raise
             raise CheckpointError(

@@ -202,8 +202,9 @@ def verify_files(
 # ------------------------------------------------------------------ finding checkpoints
 
 
-def committed(root: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every committed checkpoint under root, oldest first."""
+def committed(root: Path, damaged: list[Path] | None = None) -> list[tuple[int, Path]]:
+    """(step, path) of every committed checkpoint under root, oldest first. `step-*` folders whose
+    manifest is missing or broken are skipped (and appended to `damaged` if given)."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -216,6 +217,8 @@ def committed(root: Path) -> list[tuple[int, Path]]:
             m = read_manifest(child)
         except CheckpointError as e:
             logger.warning("ignoring %s: not a committed checkpoint (%s)", child, e)
+            if damaged is not None:
+                damaged.append(child)
             continue
         out.append((m["step"], child))
     return sorted(out)
@@ -230,11 +233,29 @@ def leftovers(root: Path) -> list[Path]:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest committed checkpoint under `root` (by step), or None. Leftovers are reported."""
+    """The newest committed checkpoint under `root` (by step), or None. Leftovers are reported.
+
+    Our saves never leave a `step-*` folder without a valid manifest, so one that exists was damaged
+    or made by hand: it is skipped with an ERROR when newer than the checkpoint returned, and when
+    no valid checkpoint remains this raises instead of letting `--resume auto` start from scratch.
+    """
     for p in leftovers(Path(root)):
         logger.warning("ignoring %s: an unfinished save or prune (removed at the next save)", p)
-    found = committed(Path(root))
-    return found[-1][1] if found else None
+    damaged: list[Path] = []
+    found = committed(Path(root), damaged)
+    if not found and damaged:
+        raise CheckpointError(
+            f"no valid checkpoint under {root}, but {', '.join(p.name for p in sorted(damaged))} look like "
+            "damaged ones (manifest missing or broken); refusing to start from scratch over them. "
+            "Inspect with `python -m training.checkpoint verify`, then move them away."
+        )
+    newest = found[-1] if found else None
+    for p in sorted(damaged):
+        if newest and p.name > newest[1].name:
+            logger.error(
+                "%s is newer than %s but damaged (no valid manifest); resuming from the older", p, newest[1]
+            )
+    return newest[1] if newest else None
 
 
 def resolve_resume(resume: str | None, root: str | Path) -> Path | None:

@@ -86,12 +86,16 @@ def load_checkpoint(
     reset_optimizer: bool = False,
     verify: str = "sha256",
     timeout_s: float = 1800.0,
+    reset_rng_and_data: bool = False,
 ) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG from a committed checkpoint.
 
     Collective: every rank calls it. Returns {"train_state", "data_state" (this rank), "meta",
     "audit"}. The caller restores its data loader from data_state. RNG is restored last.
     `verify`: "sha256" (every file hashed, the work split across ranks) or "size" (sizes only).
+    `reset_rng_and_data`: the only way to resume on another world size (model, optimizer and
+    scheduler reshard; per-rank RNG and data-loader state cannot): they are NOT restored,
+    data_state is None, and this is logged as a warning and recorded in the audit.
     """
     if verify not in ("sha256", "size"):
         raise ValueError(f"verify must be 'sha256' or 'size', got {verify!r}")
@@ -106,23 +110,18 @@ def load_checkpoint(
         try:
             manifest = L.read_manifest(path)
             wd.step = manifest["step"]
-            required = [
-                "meta",
-                "model",
-                "scheduler",
-                "train_state",
-                f"rng/rank-{rank:05d}",
-                f"data/rank-{rank:05d}",
-            ]
+            per_rank = [f"rng/rank-{rank:05d}", f"data/rank-{rank:05d}"]
+            if reset_rng_and_data:
+                skip |= {L.part_of(f) for f in manifest["files"] if f.startswith(("rng/", "data/"))}
+                per_rank = []
+            required = ["meta", "model", "scheduler", "train_state", *per_rank]
             required += [] if reset_optimizer else ["optimizer"]
             saved_world = manifest.get("world_size")
-            if saved_world != world and (
-                f"rng/rank-{rank:05d}" not in manifest["parts"]
-                or f"data/rank-{rank:05d}" not in manifest["parts"]
-            ):
+            if saved_world != world and not reset_rng_and_data:
                 raise CheckpointError(
-                    f"RNG state of rank {rank} missing from {path}: saved by {saved_world} ranks, this run has "
-                    f"{world}; per-rank RNG and data-loader state cannot be mapped to another world size"
+                    f"RNG and data-loader state of {path} cannot be restored: saved by {saved_world} ranks, "
+                    f"this run has {world}; per-rank state does not map to another world size (pass "
+                    "reset_rng_and_data=True, and override world_size, to resume anyway)"
                 )
             files = sorted(manifest["files"])
             subset = set(files[rank::world]) if verify == "sha256" else set()
@@ -156,11 +155,13 @@ def load_checkpoint(
         try:
             load_scheduler(path, manifest["files"], scheduler)
             out["train_state"] = L.read_json(path / "train_state.json", "train_state", path)
-            out["data_state"] = L.read_json(path / L.rank_file("data", rank), f"data/rank-{rank:05d}", path)
             out["meta"] = L.read_json(path / "meta.json", "meta", path)
-            rng = L.read_json(path / L.rank_file("rng", rank), f"rng/rank-{rank:05d}", path)
-            if not (isinstance(rng, dict) and "python" in rng and "torch_cpu" in rng):
-                raise CheckpointError(f"RNG state of rank {rank} in {path} is malformed")
+            out["data_state"], rng = None, None
+            if not reset_rng_and_data:
+                out["data_state"] = L.read_json(path / L.rank_file("data", rank), per_rank[1], path)
+                rng = L.read_json(path / L.rank_file("rng", rank), per_rank[0], path)
+                if not (isinstance(rng, dict) and "python" in rng and "torch_cpu" in rng):
+                    raise CheckpointError(f"RNG state of rank {rank} in {path} is malformed")
         except CheckpointError as e:
             err = str(e)
         agree(err)
@@ -180,8 +181,10 @@ def load_checkpoint(
                 "last_epoch": getattr(inner_sched, "last_epoch", None),
                 "last_lr": list(getattr(inner_sched, "_last_lr", []) or []),
             },
-            "data_state": f"restored for rank {rank}",
-            "rng": f"restored for rank {rank}",
+            "data_state": "RESET (reset_rng_and_data=True)"
+            if reset_rng_and_data
+            else f"restored for rank {rank}",
+            "rng": "RESET (reset_rng_and_data=True)" if reset_rng_and_data else f"restored for rank {rank}",
             "verify": verify,
             "files_verified": len(manifest["files"]) - sum(L.part_of(f) in skip for f in manifest["files"]),
             "bytes_hashed_by_this_rank": hashed,
@@ -190,7 +193,16 @@ def load_checkpoint(
         if rank == 0:
             logger.info("resume audit:\n%s", format_audit(audit))
         wd.phase("restoring RNG")
-        audit["rng_generators"] = restore_rng(rng, f"{path} (rank {rank})")
+        if reset_rng_and_data:
+            logger.warning(
+                "RESET RNG AND DATA STATE: %s was saved by %s ranks, this run has %d; generators and data "
+                "loaders start fresh (requested by reset_rng_and_data=True)",
+                path,
+                manifest.get("world_size"),
+                world,
+            )
+        else:
+            audit["rng_generators"] = restore_rng(rng, f"{path} (rank {rank})")
     core._last_loaded = str(path)
     return {**out, "audit": audit}
 
