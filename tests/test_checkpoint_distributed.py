@@ -111,6 +111,16 @@ def save_then_stall(rank: int, world: int, root: str, stall: str, marker: str, t
         )  # fmt: skip
 
 
+def save_on_rank0_only(rank: int, world: int, root: str, timeout_s: float) -> None:
+    """The misuse behind accelerate #2000: only rank 0 saves. Rank 1 idles, then leaves."""
+    model, opt, sched = build(seed=0, genesis=False)
+    if rank == 0:
+        save_checkpoint(root, 1, model=model, optimizer=opt, scheduler=sched, train_state={},
+                        data_state={}, meta=META, timeout_s=timeout_s)  # fmt: skip
+    else:
+        time.sleep(timeout_s + 3)
+
+
 # ------------------------------------------------------------------ tests
 
 
@@ -264,3 +274,12 @@ def test_watchdog_ends_a_stalled_save(tmp_path):
     assert res[0].returncode not in (0, None)
     assert "barrier before commit" in res[0].stderr, res[0].stderr[-3000:]
     assert [s for s, _ in committed(tmp_path / "ckpt")] == [1, 2]
+
+
+def test_save_on_one_rank_only_fails_fast_and_clearly(tmp_path):
+    res = run_ranks("test_checkpoint_distributed:save_on_rank0_only", 2,
+                    kwargs={"root": str(tmp_path / "c"), "timeout_s": 5.0}, result_dir=tmp_path / "r",
+                    timeout=90)  # fmt: skip
+    assert res[0].returncode not in (0, None)
+    assert "waiting for every rank to call save" in res[0].stderr and "every rank must call it" in res[0].stderr
+    assert latest_checkpoint(tmp_path / "c") is None

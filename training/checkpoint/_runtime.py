@@ -119,6 +119,11 @@ class Watchdog:
     def remaining(self) -> float:
         return max(1.0, self.timeout_s - (time.monotonic() - self._started))
 
+    def collective_timeout(self) -> float:
+        """Time left minus a margin, so a monitored barrier reports the missing ranks itself before
+        the watchdog has to kill the process."""
+        return max(1.0, self.remaining() - min(30.0, 0.1 * self.timeout_s))
+
     def _watch(self) -> None:
         if self._done.wait(self.timeout_s):
             return
@@ -128,6 +133,8 @@ class Watchdog:
             f"phase '{self.current}' (rank {rank} of {world}); a rank is probably stuck in a collective or "
             f"on storage. Dumping all thread stacks and exiting with code {WATCHDOG_EXIT_CODE}."
         )
+        if self.current.startswith("waiting for every rank"):
+            msg += f" Did every rank call the checkpoint {self.what}? It is collective."
         logger.critical(msg)
         print(f"[genesis checkpoint watchdog] {msg}", file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
@@ -160,12 +167,13 @@ def barrier(wd: Watchdog, name: str) -> None:
     wd.phase(name)
     if not is_distributed():
         return
-    timeout = datetime.timedelta(seconds=wd.remaining())
+    timeout = datetime.timedelta(seconds=wd.collective_timeout())
     try:
         dist.monitored_barrier(group=_control_group(), timeout=timeout, wait_all_ranks=True)
     except RuntimeError as e:
+        hint = " (every rank must call it)" if name.startswith("waiting for every rank") else ""
         raise CheckpointError(
-            f"checkpoint {wd.what} of step {wd.step}: '{name}' failed or timed out: {e}"
+            f"checkpoint {wd.what} of step {wd.step}: '{name}' failed or timed out{hint}: {e}"
         ) from e
 
 

@@ -123,6 +123,7 @@ def save_checkpoint(
     opt = unwrap_optimizer(optimizer)
     started = time.monotonic()
     with Watchdog("save", step, timeout_s) as wd:
+        barrier(wd, "waiting for every rank to call save")
         wd.phase("agreeing on the step")
         local_err = (
             _json_error(train_state, "train_state")

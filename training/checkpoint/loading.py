@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from . import core
 from . import layout as L
-from ._runtime import CheckpointError, Watchdog, agree, describe, rank_and_world
+from ._runtime import CheckpointError, Watchdog, agree, barrier, describe, rank_and_world
 from .state import load_scheduler, restore_rng, unwrap_optimizer, unwrap_scheduler
 
 logger = logging.getLogger("training.checkpoint")
@@ -104,6 +104,7 @@ def load_checkpoint(
     opt = unwrap_optimizer(optimizer)
     started = time.monotonic()
     with Watchdog("load", None, timeout_s) as wd:
+        barrier(wd, "waiting for every rank to call load")
         wd.phase("verifying files")
         manifest, err, hashed = None, None, 0
         skip = {"optimizer"} if reset_optimizer else set()
