@@ -298,6 +298,11 @@ def train_tokenizer(
             f"tokenizer sources yielded no text: {sources if isinstance(sources, list) else '<iterator>'}"
         )
     learned = base.get_vocab_size()
+    if learned > vocab_size - reserved:  # the trainer keeps the whole alphabet even past vocab_size
+        raise ValueError(
+            f"the corpus has {learned} distinct characters, more than the {vocab_size - reserved} entries "
+            f"vocab_size={vocab_size} leaves after {reserved} reserved tokens: set --limit-alphabet or raise --vocab-size"
+        )
     if learned != vocab_size - reserved:
         raise ValueError(
             f"the corpus ({n_bytes:,} characters) supports only {learned + reserved} vocabulary entries, "
