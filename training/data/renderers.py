@@ -147,6 +147,8 @@ def render_messages(record: dict, fields: dict) -> str | None:
     for m in messages:
         if "role" not in m:
             raise MissingField("messages[].role", sorted(m))
+        if m["role"] == "system" and not (m.get("content") or "").strip():
+            continue  # AgentInstruct opens many conversations with an empty system turn
         msg = {"role": m["role"], "content": m.get("content") or ""}
         if m.get("tool_calls"):
             msg["tool_calls"] = m["tool_calls"]
