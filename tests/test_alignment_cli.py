@@ -1,0 +1,127 @@
+"""Commands: TRL's own `trl sft` on our model folder, `genesis align cycle` end to end with lineage,
+`genesis align eval|revise|compare`, and their bad-input errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from _alignment_fixtures import DATA_DIR, make_model_folder, write_jsonl
+
+from alignment.cli import cli_main
+
+RECIPES = Path(__file__).resolve().parents[1] / "alignment" / "recipes"
+SENTINELS = {"HF_TOKEN": "hf_SENTINELtokenDoNotLeak123", "WANDB_API_KEY": "wandbSENTINELkeyDoNotLeak456"}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_model_folder(tmp_path_factory.mktemp("cli"))
+
+
+def test_trl_cli_sft_trains_our_model_folder(base, tmp_path):
+    """`trl sft` does not import genesis_hf: the folder's auto_map code loads with --trust_remote_code."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes((DATA_DIR / "sft_conversations.jsonl").read_bytes())
+    trl = Path(sys.executable).with_name("trl")
+    cmd = [str(trl), "sft", "--model_name_or_path", str(base), "--dataset_name", str(data), "--trust_remote_code",
+           "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "2",
+           "--max_length", "128", "--assistant_only_loss", "--activation_checkpointing", "false", "--bf16", "false",
+           "--report_to", "none"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(model).__name__ == "GenesisForCausalLM"
+
+
+def _tiny_cycle_recipe(tmp_path: Path) -> Path:
+    """cycle-tiny.yaml with absolute paths and fewer steps, so the test runs anywhere in seconds."""
+    for stage, steps in (("sft", 6), ("dpo", 4)):
+        r = yaml.safe_load((RECIPES / f"{stage}-tiny.yaml").read_text())
+        r["max_steps"] = steps
+        r["dataset_name"] = str(DATA_DIR / ("sft_conversations.jsonl" if stage == "sft" else "preference_seeds.jsonl"))
+        (tmp_path / f"{stage}.yaml").write_text(yaml.safe_dump(r))
+    prompts = write_jsonl(tmp_path / "pair_prompts.jsonl", [{"prompt": p} for p in ("Why is Mars red?", "How do bees make honey?")])
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": p} for p in ("How do magnets work?", "Are ghosts real?")])
+    c = yaml.safe_load((RECIPES / "cycle-tiny.yaml").read_text())
+    c.update(sft_recipe=str(tmp_path / "sft.yaml"), dpo_recipe=str(tmp_path / "dpo.yaml"),
+             output_dir=str(tmp_path / "cycles"))
+    c["pairs"].update(prompts=str(prompts), k=2, max_new_tokens=8, min_margin=0.0,
+                      seeds=str(DATA_DIR / "preference_seeds.jsonl"))
+    c["eval"].update(prompts=str(evals), max_new_tokens=8)
+    (tmp_path / "cycle.yaml").write_text(yaml.safe_dump(c))
+    return tmp_path / "cycle.yaml"
+
+
+def test_cycle_end_to_end_records_lineage_and_never_leaks_secrets(base, tmp_path, monkeypatch, capsys):
+    for k, v in SENTINELS.items():
+        monkeypatch.setenv(k, v)
+    recipe = _tiny_cycle_recipe(tmp_path)
+    assert cli_main(["cycle", "--config", str(recipe), "--parent", str(base), "--parent-step", "40000",
+                     "--name", "from-40k"]) == 0
+    out = tmp_path / "cycles" / "from-40k"
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["parent"] == {"checkpoint": str(base), "step": 40000}
+    assert lineage["constitution"]["version"] == "1.0"
+    assert set(lineage["scores"]) == {"base", "sft", "dpo"}
+    for stage in ("base", "sft", "dpo"):
+        assert {"hedging_rate", "curiosity", "score", "n"} <= set(lineage["scores"][stage])
+        assert (out / stage / "config.json").is_file()
+    assert lineage["data"]["sft"]["data"]["rows"] == 33
+    assert lineage["data"]["pairs"]["seed_pairs"] == 12 and lineage["data"]["dpo"]["data"]["rows"] >= 12
+    assert lineage["recipes"]["sft"]["values"]["max_steps"] == 6 and len(lineage["recipes"]["dpo"]["sha256"]) == 64
+    assert "| dpo |" in (out / "results.md").read_text()
+    assert list((out / "wandb").rglob("*.wandb")), "an offline wandb run was written"
+
+    # Secrets: in no file of the cycle folder (lineage, cards, recipes, wandb run, training args).
+    for path in out.rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            for v in SENTINELS.values():
+                assert v.encode() not in blob, f"{v} leaked into {path}"
+
+    # Cycles compare side by side; a finished cycle's folder is never reused.
+    capsys.readouterr()
+    assert cli_main(["compare", str(out / "lineage.json")]) == 0
+    table = capsys.readouterr().out
+    assert "| from-40k | 40000 | v1.0 | sft |" in table
+    assert cli_main(["cycle", "--config", str(recipe), "--parent", str(base), "--name", "from-40k"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_eval_and_revise_commands(base, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Why do cats purr?"}, {"prompt": "What is entropy?"}])
+    assert cli_main(["eval", "--model", f"base={base}", "--prompts", str(prompts), "--max-new-tokens", "6",
+                     "--output", str(tmp_path / "eval.json")]) == 0
+    assert "| base | 2 |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval.json").read_text())["base"]["n"] == 2
+
+    assert cli_main(["revise", "--model", str(base), "--prompts", str(prompts), "--output", str(tmp_path / "rev.jsonl"),
+                     "--principles", "curiosity", "directness", "--max-new-tokens", "6"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "rev.jsonl").read_text().splitlines()]
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["prompts"] == 2 and len(rows) == stats["kept_revision"] + stats["kept_initial"]
+    for r in rows:
+        assert [c["principle"] for c in r["critiques"]] == ["curiosity", "directness"]
+        assert r["messages"][0]["role"] == "user" and r["messages"][1]["role"] == "assistant"
+
+
+def test_bad_cycle_recipes_fail_with_one_clear_line(tmp_path, capsys):
+    assert cli_main(["cycle", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "parent": "p", "output_dir": "o", "sft_recipe": "s", "dpo_recipe": "d",
+                                   "learning_rate": 1.0}))
+    assert cli_main(["cycle", "--config", str(bad)]) == 2
+    assert "unknown keys ['learning_rate']" in capsys.readouterr().err
+    c = yaml.safe_load((RECIPES / "cycle-tiny.yaml").read_text())
+    bad.write_text(yaml.safe_dump(c))
+    assert cli_main(["cycle", "--config", str(bad)]) == 2  # parent is null in the recipe
+    assert "field 'parent' is required" in capsys.readouterr().err
