@@ -190,7 +190,7 @@ def gpu_table(steps: int) -> str:
         f"Forward + backward, micro-batch {batch} x {seq}, bf16 weights, activation checkpointing per "
         f"decoder layer, SDPA; median of {steps} steps after warm-up, one GPU.",
         "",
-        "| model | tokens/s | MFU | peak memory |",
+        "| model | tokens/s | MFU | peak memory above weights |",
         "| --- | --- | --- | --- |",
     ]
     peak, note = peak_flops(device)

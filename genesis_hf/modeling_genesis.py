@@ -84,13 +84,12 @@ class GenesisRotaryEmbedding(nn.Module):
     @torch.no_grad()
     @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Angles in fp32 even under bf16 autocast: position 2047 x freq needs the mantissa.
-        device_type = x.device.type if x.device.type != "mps" else "cpu"
-        with torch.autocast(device_type=device_type, enabled=False):
-            freqs = position_ids[..., None].float() * self.inv_freq.float().to(x.device)  # (B, T, hd/2)
-            emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd): HF's half-split layout
-            cos = emb.cos() * self.attention_scaling
-            sin = emb.sin() * self.attention_scaling
+        # Angles in fp32 even for bf16 models: position 2047 x freq needs the mantissa. Elementwise
+        # ops are not downcast by autocast, so no autocast guard is needed (it costs ~20 us a call).
+        freqs = position_ids[..., None].float() * self.inv_freq.float().to(x.device)  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd): HF's half-split layout
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
         return cos.to(x.dtype), sin.to(x.dtype)
 
 
