@@ -54,7 +54,9 @@ class Constitution:
 
 def load_constitution(path: str | Path | None = None) -> Constitution:
     """Read and validate a constitution YAML; errors name the file and the field."""
-    path = Path(path) if path else DEFAULT_CONSTITUTION
+    from alignment.data import resolve_path
+
+    path = resolve_path(path) if path else DEFAULT_CONSTITUTION
     if not path.is_file():
         raise FileNotFoundError(f"constitution file {path} does not exist")
     raw = path.read_bytes()

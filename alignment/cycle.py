@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from alignment.data import resolve_path
+
 logger = logging.getLogger(__name__)
 
 ALIGNMENT_DIR = Path(__file__).resolve().parent
@@ -43,7 +45,7 @@ EVAL_KEYS = {"prompts", "max_new_tokens"}
 
 def load_cycle_config(path: str | Path, overrides: dict | None = None) -> dict:
     """Read a cycle recipe, apply non-None overrides, and validate keys and required fields."""
-    path = Path(path)
+    path = resolve_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"cycle recipe {path} does not exist")
     cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -61,6 +63,7 @@ def load_cycle_config(path: str | Path, overrides: dict | None = None) -> dict:
         if not cfg.get(key):
             raise ValueError(f"{path}: field {key!r} is required (set it in the recipe or on the command line)")
     for key in ("sft_recipe", "dpo_recipe"):
+        cfg[key] = str(resolve_path(cfg[key]))
         if not Path(cfg[key]).is_file():
             raise FileNotFoundError(f"{path}: {key} {cfg[key]} does not exist")
     cfg["_path"] = str(path)
@@ -119,7 +122,7 @@ def run_cycle(cfg: dict) -> dict:
     constitution = load_constitution(cfg.get("constitution"))
     scorer = get_scorer(cfg.get("scorer", "rule"), cfg.get("judge_model"), constitution)
     eval_cfg = cfg.get("eval") or {}
-    eval_prompts_path = eval_cfg.get("prompts", str(ALIGNMENT_DIR / "data" / "eval_prompts.jsonl"))
+    eval_prompts_path = resolve_path(eval_cfg.get("prompts", ALIGNMENT_DIR / "data" / "eval_prompts.jsonl"))
     eval_prompts = read_prompts(eval_prompts_path)
     eval_kwargs = {"max_new_tokens": eval_cfg.get("max_new_tokens", 128)}
     lineage = {
@@ -180,6 +183,12 @@ def run_cycle(cfg: dict) -> dict:
     _write_json(lineage, out / "lineage.json")
     logger.info("cycle %s done:\n%s", cfg["name"], table)
     return lineage
+
+
+def quickstart_align(parent: str | Path, output_dir: str | Path = "runs/align/cycles", name: str = "quickstart") -> dict:
+    """The quickstart's alignment leg: the tiny cycle (SFT, pairs, DPO, evaluation) on `parent`, on CPU."""
+    return run_cycle(load_cycle_config("alignment/recipes/cycle-tiny.yaml",
+                                       {"parent": str(parent), "output_dir": str(output_dir), "name": name}))
 
 
 def compare_lineages(paths: list[str | Path]) -> str:

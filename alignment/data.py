@@ -38,9 +38,21 @@ class DataError(ValueError):
 # --- loading -------------------------------------------------------------------------------------
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A relative path that does not exist here but does under the repository root (the bundled
+    `alignment/data/...` and `alignment/recipes/...` files) resolves there, so recipes work from any folder."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path
+
+
 def load_rows(source: str, split: str = "train", name: str | None = None) -> Dataset:
     """A local file/folder or a Hub dataset id -> `Dataset`, all through `datasets.load_dataset`."""
-    path = Path(source)
+    path = resolve_path(source)
     suffix = path.suffix.lower()
     if path.is_file():
         if suffix not in _LOCAL_FORMATS:
@@ -352,7 +364,7 @@ def load_preference_dataset(
 
 def read_prompts(path: str | Path) -> list[str]:
     """A prompts file: jsonl with a `prompt` string per line (or a `messages` list ending on user)."""
-    path = Path(path)
+    path = resolve_path(path)
     if not path.is_file():
         raise DataError(f"{path}: prompts file does not exist")
     prompts = []

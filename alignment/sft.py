@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from alignment.constitution import DEFAULT_CONSTITUTION, load_constitution, record_in_model_card
-from alignment.data import DataError, load_sft_dataset
+from alignment.data import DataError, load_sft_dataset, resolve_path
 from alignment.generate import require_chat_template, set_chat_stop_tokens
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def load_mixture(script_args, tokenizer):
             script_args.dataset_name, script_args.dataset_adapter, script_args.dataset_split,
             script_args.dataset_config, script_args.max_samples, tokenizer, script_args.max_prompt_length,
         )
-    path = Path(script_args.dataset_mixture)
+    path = resolve_path(script_args.dataset_mixture)
     entries = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
     if not isinstance(entries, list) or not entries:
         raise DataError(f"{path}: dataset_mixture must be a YAML list of {{source, adapter, ...}} entries")

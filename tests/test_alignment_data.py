@@ -203,3 +203,22 @@ def test_bundled_data_is_valid_and_held_out():
     train_prompts |= {r["prompt"][0]["content"] for r in pairs} | set(read_prompts(DATA_DIR / "pair_prompts.jsonl"))
     assert len(sft) >= 30 and len(pairs) >= 10 and len(eval_prompts) >= 15
     assert not eval_prompts & train_prompts, "evaluation prompts must not appear in training data"
+
+
+def test_sft_mixture_of_adapted_sources(tok, tmp_path):
+    import yaml
+
+    from alignment.sft import SFTScriptArguments, load_mixture
+
+    oh = write_jsonl(tmp_path / "oh.jsonl", [{"conversations": [{"from": "human", "value": "Hi?"},
+                                                                {"from": "gpt", "value": "Hello."}]}] * 3)
+    xl = write_jsonl(tmp_path / "xl.jsonl", [{"query": "Oslo?", "tools": "[]",
+                                              "answers": json.dumps([{"name": "w", "arguments": {"c": "Oslo"}}])}] * 2)
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(yaml.safe_dump([{"source": str(oh), "adapter": "openhermes"},
+                                   {"source": str(xl), "adapter": "xlam", "max_samples": 1}]))
+    ds, stats = load_mixture(SFTScriptArguments(dataset_mixture=str(mix)), tok)
+    assert len(ds) == 4 and stats["rows"] == 4 and [s["rows"] for s in stats["sources"]] == [3, 1]
+    mix.write_text(yaml.safe_dump([{"source": str(oh), "adaptor": "openhermes"}]))
+    with pytest.raises(DataError, match=r"mix.yaml: entry 0 has unknown fields \['adaptor'\]"):
+        load_mixture(SFTScriptArguments(dataset_mixture=str(mix)), tok)
