@@ -184,16 +184,20 @@ def open_records(spec: SourceSpec, work_dir: str | Path):
     """A streaming `datasets.IterableDataset` of raw records for one source (Hub or local)."""
     import datasets  # heavy; only where records are read
 
+    # Bytes that are not UTF-8 become U+FFFD ("replace"); prepare drops and counts such documents.
+    # The json builder only honours errors= for a non-"utf-8" encoding name, hence the "utf_8" alias.
     if spec.embedded is not None:
         from training.data import corpus
 
         files = [str(corpus.materialize(Path(work_dir) / "embedded", spec.embedded, max_bytes=spec.max_bytes))]
-        return datasets.load_dataset("json", data_files=files, split="train", streaming=True)
+        return datasets.load_dataset("json", data_files=files, split="train", streaming=True,
+                                     encoding="utf_8", encoding_errors="replace")  # fmt: skip
     if spec.data_files is not None:
         kwargs = {}
         if spec.format == "text":
-            # Undecodable bytes arrive as lone surrogates, which prepare counts and drops.
-            kwargs = {"sample_by": spec.sample_by, "encoding_errors": "surrogateescape", "keep_linebreaks": True}
+            kwargs = {"sample_by": spec.sample_by, "encoding_errors": "replace", "keep_linebreaks": True}
+        elif spec.format == "json":
+            kwargs = {"encoding": "utf_8", "encoding_errors": "replace"}
         return datasets.load_dataset(spec.format, data_files=spec.data_files, split="train", streaming=True, **kwargs)
     return datasets.load_dataset(
         spec.hub_id, spec.subset, split=spec.split, data_dir=spec.data_dir, revision=spec.revision, streaming=True

@@ -166,7 +166,9 @@ def _prepare_source(job: dict) -> dict:
                 continue
             try:
                 data = text.encode("utf-8")
-            except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 in the file
+            except UnicodeEncodeError:  # lone surrogates
+                data = None
+            if data is None or "\ufffd" in text:  # U+FFFD: bytes that were not UTF-8 (see open_records)
                 c["dropped_non_utf8"] += 1
                 continue
             digest = _digest(data)
