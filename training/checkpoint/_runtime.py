@@ -135,11 +135,19 @@ class Watchdog:
         )
         if self.current.startswith("waiting for every rank"):
             msg += f" Did every rank call the checkpoint {self.what}? It is collective."
+        # stderr first and without locks: the stuck thread may hold a logging handler's lock.
+        err = sys.__stderr__ or sys.stderr
+        print(f"[genesis checkpoint watchdog] {msg}", file=err, flush=True)
+        try:
+            faulthandler.dump_traceback(file=err, all_threads=True)
+        except (ValueError, OSError, AttributeError):  # stderr without a file descriptor
+            pass
+        err.flush()
+        # If logging blocks on such a lock, this timer still ends the process.
+        threading.Timer(5.0, os._exit, args=(WATCHDOG_EXIT_CODE,)).start()
         logger.critical(msg)
-        print(f"[genesis checkpoint watchdog] {msg}", file=sys.stderr, flush=True)
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        sys.stderr.flush()
-        logging.shutdown()
+        for handler in logging.getLogger().handlers:
+            handler.flush()
         os._exit(WATCHDOG_EXIT_CODE)
 
 

@@ -208,6 +208,11 @@ def _prepare_root(root: Path, final: Path, tmp: Path, step: int) -> str | None:
 def _write_parts(wd, tmp, model, opt, scheduler, train_state, data_state, meta) -> None:
     rank, _ = rank_and_world()
     wd.phase("collecting state dicts")
+    if not opt.state and rank == 0:
+        logger.warning(
+            "saving an optimizer that has taken no step: torch's get_state_dict initialises its state "
+            "with a zero-LR step, so AdamW step counts (bias correction) start at 1 from here"
+        )
     # Sharded (DTensor) state dicts under FSDP2: each rank holds only its shard; no gather.
     model_sd, optim_sd = get_state_dict(model, opt)
     wd.phase("writing model and optimizer shards")
