@@ -177,6 +177,8 @@ def test_reset_optimizer_is_deliberate_and_loud(ckpt_copy, caplog):
         out, (model, opt, _) = _load(ckpt_copy, reset_optimizer=True)
     assert "RESET OPTIMIZER" in caplog.text
     assert out["audit"]["optimizer"].startswith("RESET") and not opt.state
+    saved_lr = json.loads((ckpt_copy / "scheduler.json").read_text())["_last_lr"]
+    assert [g["lr"] for g in opt.param_groups] == saved_lr  # not the construction LR
 
 
 def test_size_only_verification_skips_hashing(ckpt_copy):

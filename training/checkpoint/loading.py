@@ -155,6 +155,12 @@ def load_checkpoint(
         err, out = None, {}
         try:
             load_scheduler(path, manifest["files"], scheduler)
+            last_lr = getattr(unwrap_scheduler(scheduler), "_last_lr", None)
+            if reset_optimizer and last_lr and len(last_lr) == len(opt.param_groups):
+                # normally the LR comes back with the optimizer's param_groups; without them, take
+                # the restored scheduler's, so the next step does not run at the construction LR
+                for group, lr in zip(opt.param_groups, last_lr):
+                    group["lr"] = lr
             out["train_state"] = L.read_json(path / "train_state.json", "train_state", path)
             out["meta"] = L.read_json(path / "meta.json", "meta", path)
             out["data_state"], rng = None, None
