@@ -108,7 +108,7 @@ class PackedLoader:
         self.tokens_by_source: dict[str, int] = dict.fromkeys(self.sources, 0)
         self.retired: dict[str, dict] = {}  # sources in a loaded state that this data lacks (kept, not lost)
         self.batches = 0
-        self.last_refs: list[tuple[str, int]] = []  # (source, token offset) of each row of the last batch
+        self.last_refs: list[tuple[str, int, int]] = []  # (source, epoch, token offset) per row of the last batch
         self._perms: dict[tuple[str, int], np.ndarray] = {}
 
     def _normalise(self, weights: dict[str, float]) -> dict[str, float]:
@@ -160,9 +160,9 @@ class PackedLoader:
         rows, refs = [], []
         for _ in range(self.micro_batch_size):
             name = self._pick()
-            _, start = self.window_ref(name, self.consumed[name] + self.rank)
+            epoch, start = self.window_ref(name, self.consumed[name] + self.rank)
             rows.append(self.sources[name].read(start, self.window))
-            refs.append((name, start))
+            refs.append((name, epoch, start))
             self.consumed[name] += self.world_size
             self.draws[name] += 1
             self.tokens_by_source[name] += self.window
