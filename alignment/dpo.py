@@ -95,12 +95,12 @@ def main(script_args: DPOScriptArguments, training_args, model_args) -> dict:
     save_final(trainer, tokenizer, training_args.output_dir)
     margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
     if trainer.accelerator.is_main_process:
+        logger.info("DPO done: loss %.4f, saved to %s", result.training_loss, training_args.output_dir)
         record_in_model_card(
             training_args.output_dir, constitution, "dpo",
             {"sft_model": model_args.model_name_or_path, "data": data_stats, "train_loss": result.training_loss,
              "reward_margin_first_last": [margins[0], margins[-1]] if margins else None, "beta": training_args.beta},
         )
-    logger.info("DPO done: loss %.4f, saved to %s", result.training_loss, training_args.output_dir)
     if hasattr(trainer, "end"):
         trainer.end()
     return {"output_dir": training_args.output_dir, "train_loss": result.training_loss, "reward_margins": margins,

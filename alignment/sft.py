@@ -133,11 +133,11 @@ def main(script_args: SFTScriptArguments, training_args, model_args) -> dict:
 
     save_final(trainer, tokenizer, training_args.output_dir)
     if trainer.accelerator.is_main_process:
+        logger.info("SFT done: loss %.4f, saved to %s", result.training_loss, training_args.output_dir)
         record_in_model_card(
             training_args.output_dir, constitution, "sft",
             {"base_model": model_args.model_name_or_path, "data": data_stats, "train_loss": result.training_loss},
         )
-    logger.info("SFT done: loss %.4f, saved to %s", result.training_loss, training_args.output_dir)
     if hasattr(trainer, "end"):
         trainer.end()
     return {"output_dir": training_args.output_dir, "train_loss": result.training_loss,

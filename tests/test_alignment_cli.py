@@ -125,3 +125,26 @@ def test_bad_cycle_recipes_fail_with_one_clear_line(tmp_path, capsys):
     bad.write_text(yaml.safe_dump(c))
     assert cli_main(["cycle", "--config", str(bad)]) == 2  # parent is null in the recipe
     assert "field 'parent' is required" in capsys.readouterr().err
+
+
+@pytest.mark.distributed
+def test_sft_then_dpo_under_accelerate_launch_with_two_cpu_processes(base, tmp_path):
+    """The documented `accelerate launch ... alignment/sft.py --config ...` path, 2 gloo ranks (MULTI_CPU).
+
+    `--use_cpu true` is what makes TrainingArguments see the CPU ranks as distributed."""
+    root = Path(__file__).resolve().parents[1]
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+              str(root / "accelerate_configs" / "cpu.yaml"), "--num_processes", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    common = ["--use_cpu", "true", "--max_steps", "3"]
+    for stage, parent, data in (("sft", base, "sft_conversations.jsonl"), ("dpo", tmp_path / "sft", "preference_seeds.jsonl")):
+        cmd = [*launch, str(root / "alignment" / f"{stage}.py"), "--config", str(RECIPES / f"{stage}-tiny.yaml"),
+               "--model_name_or_path", str(parent), "--dataset_name", str(DATA_DIR / data),
+               "--output_dir", str(tmp_path / stage), *common]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stderr.count(f"{stage.upper()} done") == 1  # one rank writes the card and logs
+        assert "Stage: **" + stage + "**" in (tmp_path / stage / "README.md").read_text()
+    from transformers import AutoModelForCausalLM
+
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "dpo")).__name__ == "GenesisForCausalLM"
