@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from _data_fixtures import FIXTURES
@@ -94,3 +95,26 @@ def test_parallel_tool_calls_and_string_arguments():
     ])  # fmt: skip
     assert text.endswith('Calling.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
                          '<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call><|im_end|>\n')  # fmt: skip
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "training" / "mixtures").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_recipes_parse_with_weights_summing_to_one(recipe, caplog):
+    mix = load_mixture(recipe)
+    assert "normalising" not in caplog.text and abs(sum(mix.weights.values()) - 1) < 1e-9
+
+
+def test_genesis_60b_names_the_seed_sources():
+    mix = load_mixture(Path(__file__).resolve().parents[1] / "training" / "mixtures" / "genesis-60b.yaml")
+    hub = {s.hub_id for s in mix.sources}
+    for repo in ("HuggingFaceFW/fineweb-edu", "mlfoundations/dclm-baseline-1.0-parquet", "bigcode/starcoderdata",
+                 "HuggingFaceTB/finemath", "wikimedia/wikipedia", "uonlp/CulturaX", "teknium/OpenHermes-2.5",
+                 "microsoft/orca-agentinstruct-1M-v1", "glaiveai/glaive-function-calling-v2", "gorilla-llm/APIBench",
+                 "NousResearch/hermes-function-calling-v1", "Salesforce/xlam-function-calling-60k",
+                 "HuggingFaceTB/cosmopedia"):  # fmt: skip
+        assert repo in hub, repo
+    culturax = {s.subset for s in mix.sources if s.hub_id == "uonlp/CulturaX"}
+    assert culturax == {"ar", "de", "es", "fr", "ja", "ko", "pt", "zh"}
+    assert {s.schema for s in mix.sources} == {s.schema for s in MIXTURE.sources}  # every schema has a fixture

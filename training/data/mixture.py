@@ -127,7 +127,10 @@ def load_mixture(path: str | Path) -> Mixture:
         weight = _check_type(path, f"{where}.weight", item["weight"], (int, float), "a number")
         if weight < 0:
             raise _err(path, f"{where}.weight", f"must be >= 0, got {weight}")
+        # data_files with hub_id name files inside the Hub repository; alone, local files.
         origins = [k for k in ("hub_id", "data_files", "embedded") if item.get(k) is not None]
+        if origins == ["hub_id", "data_files"]:
+            origins = ["hub_id"]
         if len(origins) != 1:
             raise _err(path, where, f"needs exactly one of hub_id, data_files, embedded (got {origins or 'none'})")
         spec = SourceSpec(**item)
@@ -135,7 +138,7 @@ def load_mixture(path: str | Path) -> Mixture:
         if spec.schema not in SCHEMAS:
             raise _err(path, f"{where}.schema", f"unknown schema {spec.schema!r}; known: {sorted(SCHEMAS)}")
         _check_type(path, f"{where}.fields", spec.fields, dict, "a mapping of schema key -> column")
-        if spec.data_files is not None:
+        if spec.data_files is not None and spec.hub_id is None:
             files = [spec.data_files] if isinstance(spec.data_files, str) else spec.data_files
             resolved = []
             for f in files:
@@ -192,22 +195,21 @@ def open_records(spec: SourceSpec, work_dir: str | Path):
         files = [str(corpus.materialize(Path(work_dir) / "embedded", spec.embedded, max_bytes=spec.max_bytes))]
         return datasets.load_dataset("json", data_files=files, split="train", streaming=True,
                                      encoding="utf_8", encoding_errors="replace")  # fmt: skip
-    if spec.data_files is not None:
+    if spec.data_files is not None and spec.hub_id is None:
         kwargs = {}
         if spec.format == "text":
             kwargs = {"sample_by": spec.sample_by, "encoding_errors": "replace", "keep_linebreaks": True}
         elif spec.format == "json":
             kwargs = {"encoding": "utf_8", "encoding_errors": "replace"}
         return datasets.load_dataset(spec.format, data_files=spec.data_files, split="train", streaming=True, **kwargs)
-    return datasets.load_dataset(
-        spec.hub_id, spec.subset, split=spec.split, data_dir=spec.data_dir, revision=spec.revision, streaming=True
-    )
+    return datasets.load_dataset(spec.hub_id, spec.subset, split=spec.split, data_dir=spec.data_dir,
+                                 data_files=spec.data_files, revision=spec.revision, streaming=True)  # fmt: skip
 
 
 def describe(spec: SourceSpec) -> str:
     if spec.embedded:
         return f"embedded:{spec.embedded}"
-    if spec.data_files:
+    if spec.data_files and not spec.hub_id:
         return ",".join(spec.data_files)
     return f"{spec.hub_id}" + (f"/{spec.subset}" if spec.subset else "") + f"[{spec.split}]"
 
