@@ -118,6 +118,28 @@ def test_accelerate_prepared_objects(tmp_path):
     assert out["audit"]["optimizer_groups"][0]["step_max"] == 2.0
 
 
+def test_activation_checkpointed_model_saves_plain_names(tmp_path):
+    """The GPU recipe wraps decoder layers for activation checkpointing; the checkpoint must still use
+    plain HF names so export (and a run without the wrapper) can load it."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from torch.distributed.checkpoint import FileSystemReader
+
+    model, opt, sched = build(seed=0)
+    layer_cls = type(model.model.layers[0])
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, layer_cls))
+    assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_parameters())
+    seed_all(0)
+    train_steps(model, opt, sched, 1)
+    path = _save(tmp_path, 1, model, opt, sched)
+    keys = FileSystemReader(path / "model").read_metadata().state_dict_metadata
+    assert "model.layers.0.self_attn.q_proj.weight" in keys
+    assert not any("_checkpoint_wrapped_module" in k for k in keys)
+    plain, _, _ = build(seed=3)
+    load_model_weights(path, plain)
+    expected = {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in model.named_parameters()}
+    assert_same(expected, dict(plain.named_parameters()))
+
+
 def _drop_from_manifest(path: Path, part: str) -> None:
     m = json.loads((path / "manifest.json").read_text())
     m["parts"].remove(part)
