@@ -221,3 +221,18 @@ def test_writer_commits_are_atomic(tmp_path):
     w.commit(5)
     assert json.loads((tmp_path / "s" / "progress.json").read_text())["shards"][0]["tokens"] == 10
     assert not list((tmp_path / "s").glob("*.tmp-*"))
+
+
+def test_token_budget_caps_and_extends(embedded, tmp_path, monkeypatch):  # noqa: F811
+    import training.data.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "_BATCH", 8)
+    write_jsonl(tmp_path / "a.jsonl", synthetic_docs("a", 120))
+    mix = write_mixture(tmp_path / "m.yaml", [{"name": "a", "data_files": "a.jsonl", "weight": 1}],
+                        validation_fraction=0.0)  # fmt: skip
+    capped = prepare(mix, embedded[0], tmp_path / "d", show_progress=False, max_tokens_per_source=400)["sources"]["a"]
+    assert 400 <= capped["train_tokens"] < 400 + 8 * 40 and capped["documents"] < 120
+    full = prepare(mix, embedded[0], tmp_path / "d", show_progress=False)["sources"]["a"]  # budget lifted: continues
+    straight = prepare(mix, embedded[0], tmp_path / "s", show_progress=False)["sources"]["a"]
+    assert full["documents"] == straight["documents"] == 120
+    assert full["train_tokens"] == straight["train_tokens"]

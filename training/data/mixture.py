@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -206,6 +207,11 @@ def open_records(spec: SourceSpec, work_dir: str | Path):
                                  data_files=spec.data_files, revision=spec.revision, streaming=True)  # fmt: skip
 
 
+def default_cache_dir() -> Path:
+    """Where embedded sources are materialised when no work dir is given: $GENESIS_CACHE or ~/.cache/genesis."""
+    return Path(os.environ.get("GENESIS_CACHE") or Path.home() / ".cache" / "genesis")
+
+
 def describe(spec: SourceSpec) -> str:
     if spec.embedded:
         return f"embedded:{spec.embedded}"
@@ -218,7 +224,7 @@ def iter_mixture_texts(path: str | Path, *, max_bytes: int | None = None, work_d
                        ) -> Iterator[tuple[str, str]]:  # fmt: skip
     """(source name, rendered document) for tokenizer training; `max_bytes` is split by weight."""
     mix = load_mixture(path)
-    work = Path(work_dir) if work_dir else mix.path.parent / ".genesis-cache"
+    work = Path(work_dir) if work_dir else default_cache_dir()
     for spec in mix.sources:
         budget = None if max_bytes is None else int(max_bytes * spec.weight)
         render, used = get_renderer(spec.schema), 0

@@ -154,6 +154,7 @@ def _prepare_source(job: dict) -> dict:
                 bar.update(len(ids))
 
     batch: list[tuple[str, int]] = []
+    state["truncated_by_budget"] = False
     try:
         for record in records:
             read += 1

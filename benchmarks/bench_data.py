@@ -1,0 +1,167 @@
+"""Data pipeline benchmarks: tokenizer training and encoding vs. sentencepiece, loader throughput.
+
+    python benchmarks/bench_data.py [--vocab-sizes 4096 8192] [--repeats 3] [--no-write]
+
+On the embedded corpus (the stdlib prose + code of embedded.yaml), in one process:
+1. train our byte-fallback BPE (`tokenizers`) and a sentencepiece BPE (byte_fallback=True) of
+   the same vocabulary size on the same text, alternating, median of `--repeats`;
+2. encode the corpus with both (batch APIs, all cores), interleaved; report MB/s, bytes per token
+   per source and whether decode(encode(x)) == x for every document;
+3. serve PackedLoader batches (seq_len 2048, micro-batch 4) and report tokens/s against 100x the
+   seed's 19,000 tokens/s training rate.
+Writes its section of docs/benchmarks.md (between <!-- data:start --> and <!-- data:end -->).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SEED_TOKENS_PER_S = 19_000
+
+
+def _corpus(work: Path) -> dict[str, list[str]]:
+    from training.data.mixture import iter_mixture_texts
+    from training.data.prepare import EMBEDDED_MIXTURE
+
+    docs: dict[str, list[str]] = {}
+    for name, text in iter_mixture_texts(EMBEDDED_MIXTURE, work_dir=work):
+        docs.setdefault(name, []).append(text)
+    return docs
+
+
+def _train_ours(texts: list[str], vocab: int, out: Path):
+    from genesis_hf.tokenizer import train_tokenizer
+
+    t0 = time.perf_counter()
+    tok = train_tokenizer(iter(texts), vocab, out, show_progress=False)
+    return time.perf_counter() - t0, tok
+
+
+def _train_spm(text_file: Path, vocab: int, prefix: Path):
+    import sentencepiece as spm
+
+    t0 = time.perf_counter()
+    spm.SentencePieceTrainer.train(
+        input=str(text_file), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab, byte_fallback=True,
+        character_coverage=0.9995, split_digits=True, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, normalization_rule_name="identity", max_sentence_length=1 << 16,
+        num_threads=os.cpu_count() or 1, minloglevel=2,
+    )  # fmt: skip
+    return time.perf_counter() - t0, spm.SentencePieceProcessor(model_file=f"{prefix}.model")
+
+
+def _encode_times(backend, sp, texts: list[str], repeats: int) -> tuple[float, float]:
+    """Median seconds to encode `texts` with each library's batch API, runs interleaved."""
+    ours, theirs = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        backend.encode_batch(texts, add_special_tokens=False)
+        ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sp.encode(texts, num_threads=os.cpu_count() or 1)
+        theirs.append(time.perf_counter() - t0)
+    return statistics.median(ours), statistics.median(theirs)
+
+
+def bench_tokenizers(docs: dict[str, list[str]], vocab_sizes: list[int], repeats: int, work: Path) -> list[str]:
+    texts = [t for ts in docs.values() for t in ts]
+    n_bytes = sum(len(t.encode()) for t in texts)
+    text_file = work / "corpus.txt"  # sentencepiece reads lines: one line of the corpus per sentence
+    text_file.write_text("".join(t if t.endswith("\n") else t + "\n" for t in texts), encoding="utf-8")
+    lines = [
+        f"Corpus: embedded.yaml, {len(texts)} documents, {n_bytes / 1e6:.2f} MB "
+        f"({', '.join(f'{k}: {len(v)} docs' for k, v in docs.items())}). Median of {repeats}, interleaved.",
+        "",
+        "| vocab | tokenizer | train s | encode MB/s | " + " | ".join(f"bytes/token {d}" for d in docs) + " | exact round trip |",
+        "| --- | --- | --- | --- " + "| --- " * len(docs) + "| --- |",
+    ]
+    for vocab in vocab_sizes:
+        ours_t, spm_t = [], []
+        for i in range(repeats):  # alternate the two trainers
+            t, tok = _train_ours(texts, vocab, work / f"ours-{vocab}")
+            ours_t.append(t)
+            t, sp = _train_spm(text_file, vocab, work / f"spm-{vocab}-{i}")
+            spm_t.append(t)
+        backend = tok.backend_tokenizer
+        enc_ours, enc_spm = _encode_times(backend, sp, texts, repeats)
+        rows = {"ours (tokenizers BPE)": (ours_t, enc_ours), "sentencepiece BPE": (spm_t, enc_spm)}
+        for name, (train_times, enc) in rows.items():
+            bpt = []
+            for ts in docs.values():
+                if name.startswith("ours"):
+                    n_tok = sum(len(e.ids) for e in backend.encode_batch(ts, add_special_tokens=False))
+                    exact = sum(tok.decode(e.ids) == t for e, t in zip(backend.encode_batch(ts, add_special_tokens=False), ts))
+                else:
+                    ids = sp.encode(ts)
+                    n_tok = sum(len(x) for x in ids)
+                    exact = sum(sp.decode(x) == t for x, t in zip(ids, ts))
+                bpt.append((sum(len(t.encode()) for t in ts) / n_tok, exact, len(ts)))
+            total_exact = sum(e for _, e, _ in bpt)
+            lines.append(
+                f"| {vocab} | {name} | {statistics.median(train_times):.2f} | {n_bytes / 1e6 / enc:.1f} | "
+                + " | ".join(f"{b:.3f}" for b, _, _ in bpt) + f" | {total_exact}/{len(texts)} docs |"
+            )
+    return lines
+
+
+def bench_loader(work: Path, repeats: int) -> list[str]:
+    from training.data.loader import PackedLoader
+    from training.data.prepare import ensure_embedded_data
+
+    t0 = time.perf_counter()
+    _, data_dir = ensure_embedded_data(work / "embedded")
+    build = time.perf_counter() - t0
+    lines = [f"`ensure_embedded_data` (train a 4,096 tokenizer + prepare, cold): {build:.1f} s.", "",
+             "| seq_len | micro-batch | world size | batches timed | tokens/s served (median) | x seed's 19,000 tok/s |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for seq_len, mbs, world in ((2048, 4, 1), (2048, 4, 2), (512, 16, 1)):
+        loader = PackedLoader(data_dir, seq_len=seq_len, micro_batch_size=mbs, world_size=world)
+        n = 2000
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                loader.next_batch()
+            rates.append(n * mbs * seq_len / (time.perf_counter() - t0))  # input tokens the trainer sees
+        rate = statistics.median(rates)
+        lines.append(f"| {seq_len} | {mbs} | {world} | {n} x {repeats} | {rate:,.0f} | {rate / SEED_TOKENS_PER_S:,.0f}x |")
+    return lines
+
+
+def main(vocab_sizes: list[int], repeats: int, write: bool) -> str:
+    from _report import machine, write_section
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        docs = _corpus(work / "cache")
+        body = ["## Data: tokenizer and loader", "", f"Machine: {machine()}.", "", "### Tokenizer training and encoding", ""]
+        body += bench_tokenizers(docs, vocab_sizes, repeats, work)
+        body += ["", "### PackedLoader throughput", ""] + bench_loader(work, repeats)
+    body += ["", "Reproduce: `python benchmarks/bench_data.py`. Bytes/token: higher is better compression; "
+             "'exact round trip' counts documents with decode(encode(x)) == x."]  # fmt: skip
+    text = "\n".join(body)
+    print(text)
+    if write:
+        print(f"\nwrote {write_section('data', text)}")
+    return text
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab-sizes", type=int, nargs="+", default=[4096, 8192])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    return p
+
+
+if __name__ == "__main__":
+    args = _parser().parse_args()
+    main(args.vocab_sizes, args.repeats, not args.no_write)
