@@ -3,6 +3,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -133,8 +134,11 @@ def test_sft_then_dpo_under_accelerate_launch_with_two_cpu_processes(base, tmp_p
 
     `--use_cpu true` is what makes TrainingArguments see the CPU ranks as distributed."""
     root = Path(__file__).resolve().parents[1]
+    with socket.socket() as sock:  # a free port: other suites on this machine may hold 29500
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-              str(root / "accelerate_configs" / "cpu.yaml"), "--num_processes", "2"]
+              str(root / "accelerate_configs" / "cpu.yaml"), "--num_processes", "2", "--main_process_port", str(port)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     common = ["--use_cpu", "true", "--max_steps", "3"]
     for stage, parent, data in (("sft", base, "sft_conversations.jsonl"), ("dpo", tmp_path / "sft", "preference_seeds.jsonl")):
