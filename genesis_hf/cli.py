@@ -10,6 +10,7 @@ module when its subcommand runs so that `genesis --help` stays fast.
     genesis lr --config training/recipes/genesis-1b.yaml [--plot lr.png]
     genesis quickstart
     genesis align ...
+    genesis playground | plot | eval | report ...
 """
 
 from __future__ import annotations
