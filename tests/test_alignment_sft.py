@@ -21,7 +21,7 @@ def _trainer(folder, model, tok, tmp_path, packing: bool):
 
     ds, _ = load_sft_dataset(str(DATA_DIR / "sft_conversations.jsonl"))
     args = SFTConfig(output_dir=str(tmp_path / "out"), assistant_only_loss=True, packing=packing, max_length=512,
-                     per_device_train_batch_size=1, report_to="none", bf16=False, gradient_checkpointing=False,
+                     per_device_train_batch_size=1, report_to="none", bf16=False, activation_checkpointing=False,
                      shuffle_dataset=False, seed=0)
     return SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok), ds
 
@@ -108,3 +108,24 @@ def test_generation_stops_on_end_of_turn_then_eos(base):
 
     _, _, tok = base
     assert stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+
+
+def test_left_padded_batch_generation_matches_one_at_a_time(base):
+    """Evaluation and pair sampling batch prompts with left padding: scores must not depend on the batch."""
+    _, model, tok = base
+    convs = [[{"role": "user", "content": "Why is the sky blue?"}],
+             [{"role": "user", "content": "How do I reverse a list in Python? Tell me everything."}]]
+    prompts = [tok.apply_chat_template(c, add_generation_prompt=True, return_dict=True)["input_ids"] for c in convs]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((2, width), tok.pad_token_id)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    kw = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True,
+              pad_token_id=tok.pad_token_id, eos_token_id=[])
+    batched = model.generate(input_ids=ids, attention_mask=mask, **kw).scores  # 3 x (2, V)
+    for i, p in enumerate(prompts):
+        alone = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                               **kw).scores
+        for step in range(3):
+            torch.testing.assert_close(batched[step][i], alone[step][0], rtol=1e-4, atol=1e-4)
