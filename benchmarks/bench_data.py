@@ -41,7 +41,7 @@ def _train_ours(texts: list[str], vocab: int, out: Path):
     from genesis_hf.tokenizer import train_tokenizer
 
     t0 = time.perf_counter()
-    tok = train_tokenizer(iter(texts), vocab, out, show_progress=False)
+    tok = train_tokenizer(iter(texts), vocab, out, show_progress=False, report=False)
     return time.perf_counter() - t0, tok
 
 
@@ -58,17 +58,25 @@ def _train_spm(text_file: Path, vocab: int, prefix: Path):
     return time.perf_counter() - t0, spm.SentencePieceProcessor(model_file=f"{prefix}.model")
 
 
-def _encode_times(backend, sp, texts: list[str], repeats: int) -> tuple[float, float]:
-    """Median seconds to encode `texts` with each library's batch API, runs interleaved."""
-    ours, theirs = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        backend.encode_batch(texts, add_special_tokens=False)
-        ours.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        sp.encode(texts, num_threads=os.cpu_count() or 1)
-        theirs.append(time.perf_counter() - t0)
-    return statistics.median(ours), statistics.median(theirs)
+def _encode_times(backend, sp, texts: list[str], repeats: int) -> dict[str, tuple[float, float]]:
+    """Median seconds to encode `texts` (batch API on all cores, and one document at a time on
+    one thread) for (ours, sentencepiece); the two libraries alternate run by run."""
+    runs = {
+        "batch": (lambda: backend.encode_batch(texts, add_special_tokens=False),
+                  lambda: sp.encode(texts, num_threads=os.cpu_count() or 1)),
+        "single": (lambda: [backend.encode(t, add_special_tokens=False) for t in texts],
+                   lambda: [sp.encode(t) for t in texts]),
+    }  # fmt: skip
+    out = {}
+    for mode, (ours_fn, spm_fn) in runs.items():
+        ours, theirs = [], []
+        for _ in range(repeats):
+            for fn, times in ((ours_fn, ours), (spm_fn, theirs)):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        out[mode] = (statistics.median(ours), statistics.median(theirs))
+    return out
 
 
 def bench_tokenizers(docs: dict[str, list[str]], vocab_sizes: list[int], repeats: int, work: Path) -> list[str]:
@@ -80,9 +88,10 @@ def bench_tokenizers(docs: dict[str, list[str]], vocab_sizes: list[int], repeats
         f"Corpus: embedded.yaml, {len(texts)} documents, {n_bytes / 1e6:.2f} MB "
         f"({', '.join(f'{k}: {len(v)} docs' for k, v in docs.items())}). Median of {repeats}, interleaved.",
         "",
-        "| vocab | tokenizer | train s | encode MB/s | " + " | ".join(f"bytes/token {d}" for d in docs) + " | exact round trip |",
-        "| --- | --- | --- | --- " + "| --- " * len(docs) + "| --- |",
+        "| vocab | tokenizer | train s | encode MB/s (batch, all cores) | encode MB/s (1 thread) | " + " | ".join(f"bytes/token {d}" for d in docs) + " | exact round trip |",
+        "| --- | --- | --- | --- | --- " + "| --- " * len(docs) + "| --- |",
     ]
+    ratios = []
     for vocab in vocab_sizes:
         ours_t, spm_t = [], []
         for i in range(repeats):  # alternate the two trainers
@@ -91,9 +100,10 @@ def bench_tokenizers(docs: dict[str, list[str]], vocab_sizes: list[int], repeats
             t, sp = _train_spm(text_file, vocab, work / f"spm-{vocab}-{i}")
             spm_t.append(t)
         backend = tok.backend_tokenizer
-        enc_ours, enc_spm = _encode_times(backend, sp, texts, repeats)
-        rows = {"ours (tokenizers BPE)": (ours_t, enc_ours), "sentencepiece BPE": (spm_t, enc_spm)}
-        for name, (train_times, enc) in rows.items():
+        enc = _encode_times(backend, sp, texts, repeats)
+        rows = {"ours (tokenizers BPE)": (ours_t, 0), "sentencepiece BPE": (spm_t, 1)}
+        compress = []
+        for name, (train_times, k) in rows.items():
             bpt = []
             for ts in docs.values():
                 if name.startswith("ours"):
@@ -105,11 +115,21 @@ def bench_tokenizers(docs: dict[str, list[str]], vocab_sizes: list[int], repeats
                     exact = sum(sp.decode(x) == t for x, t in zip(ids, ts))
                 bpt.append((sum(len(t.encode()) for t in ts) / n_tok, exact, len(ts)))
             total_exact = sum(e for _, e, _ in bpt)
+            compress.append(n_bytes / sum(b_len / b for (b, _, _), b_len in
+                                          zip(bpt, [sum(len(t.encode()) for t in ts) for ts in docs.values()])))
             lines.append(
-                f"| {vocab} | {name} | {statistics.median(train_times):.2f} | {n_bytes / 1e6 / enc:.1f} | "
+                f"| {vocab} | {name} | {statistics.median(train_times):.2f} | {n_bytes / 1e6 / enc['batch'][k]:.1f} | "
+                f"{n_bytes / 1e6 / enc['single'][k]:.1f} | "
                 + " | ".join(f"{b:.3f}" for b, _, _ in bpt) + f" | {total_exact}/{len(texts)} docs |"
             )
-    return lines
+        ratios.append(
+            f"- vocab {vocab}: sentencepiece / ours time ratio: training "
+            f"{statistics.median(spm_t) / statistics.median(ours_t):.2f}, batch encoding "
+            f"{enc['batch'][1] / enc['batch'][0]:.2f}, single-thread encoding {enc['single'][1] / enc['single'][0]:.2f} "
+            f"(< 1: sentencepiece faster); ours has {100 * (compress[0] / compress[1] - 1):+.1f}% bytes per token "
+            f"(fewer tokens for the same text)."
+        )
+    return lines + ["", *ratios]
 
 
 def bench_loader(work: Path, repeats: int) -> list[str]:
@@ -142,7 +162,10 @@ def main(vocab_sizes: list[int], repeats: int, write: bool) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         docs = _corpus(work / "cache")
-        body = ["## Data: tokenizer and loader", "", f"Machine: {machine()}.", "", "### Tokenizer training and encoding", ""]
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        body = ["## Data: tokenizer and loader", "",
+                f"Machine: {machine()}; load average at start {load} (a shared machine: compare ratios, "
+                "not absolute times).", "", "### Tokenizer training and encoding", ""]  # fmt: skip
         body += bench_tokenizers(docs, vocab_sizes, repeats, work)
         body += ["", "### PackedLoader throughput", ""] + bench_loader(work, repeats)
     body += ["", "Reproduce: `python benchmarks/bench_data.py`. Bytes/token: higher is better compression; "
@@ -157,7 +180,7 @@ def main(vocab_sizes: list[int], repeats: int, write: bool) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab-sizes", type=int, nargs="+", default=[4096, 8192])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     return p
 
