@@ -103,6 +103,10 @@ def test_eval_and_revise_commands(base, tmp_path, capsys):
                      "--output", str(tmp_path / "eval.json")]) == 0
     assert "| base | 2 |" in capsys.readouterr().out
     assert json.loads((tmp_path / "eval.json").read_text())["base"]["n"] == 2
+    # The LLM-judge scorer, with our own checkpoint as the judge.
+    assert cli_main(["eval", "--model", f"base={base}", "--prompts", str(prompts), "--max-new-tokens", "4",
+                     "--scorer", "judge", "--judge-model", str(base), "--output", str(tmp_path / "judge.json")]) == 0
+    assert json.loads((tmp_path / "judge.json").read_text())["base"]["scorer"] == "judge"
 
     assert cli_main(["revise", "--model", str(base), "--prompts", str(prompts), "--output", str(tmp_path / "rev.jsonl"),
                      "--principles", "curiosity", "directness", "--max-new-tokens", "6"]) == 0
@@ -152,3 +156,22 @@ def test_sft_then_dpo_under_accelerate_launch_with_two_cpu_processes(base, tmp_p
     from transformers import AutoModelForCausalLM
 
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "dpo")).__name__ == "GenesisForCausalLM"
+
+
+def test_scripts_refuse_a_tokenizer_without_chat_template(base, tmp_path):
+    import shutil
+
+    from alignment import sft
+    from alignment.generate import ChatTemplateError
+
+    folder = tmp_path / "no-template"
+    shutil.copytree(base, folder)
+    (folder / "chat_template.jinja").unlink()
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ChatTemplateError, match=f"tokenizer of {folder} has no chat_template"):
+        sft.main(*sft.parse(["--config", str(RECIPES / "sft-tiny.yaml"), "--model_name_or_path", str(folder),
+                             "--dataset_name", str(DATA_DIR / "sft_conversations.jsonl"),
+                             "--output_dir", str(tmp_path / "out")]))
+    assert not (tmp_path / "out").exists()  # refused before anything was written
