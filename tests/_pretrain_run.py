@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,40 +50,63 @@ def _env(extra: dict | None) -> dict:
     return env
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant. torchrun starts each rank in its own session,
+    so killing the launcher's process group would leave the ranks running."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def run_pretrain(out: Path, data, *args: str, nproc: int = 2, env: dict | None = None,
                  timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run to completion (or failure). A hung run is killed (whole process group) and fails the test."""
-    proc = subprocess.Popen(command(out, data, *args, nproc=nproc), cwd=REPO, env=_env(env), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise AssertionError(f"pretrain hung for {timeout}s\n{stderr[-4000:]}") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    """Run to completion (or failure). A hung run is killed (whole tree) and fails the test.
+    Output goes through files, not pipes: a stray rank holding a pipe cannot block the test."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
+        proc = subprocess.Popen(command(out, data, *args, nproc=nproc), cwd=REPO, env=_env(env), text=True,
+                                stdout=fo, stderr=fe)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            fe.seek(0)
+            raise AssertionError(f"pretrain hung for {timeout}s\n{fe.read()[-4000:]}") from None
+        fo.seek(0)
+        fe.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, fo.read(), fe.read())
 
 
 def start_pretrain(out: Path, data, *args: str, nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(command(out, data, *args, nproc=nproc), cwd=REPO, env=_env(env), text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(command(out, data, *args, nproc=nproc), cwd=REPO, env=_env(env),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"run ended (rc {proc.returncode}) before {path} appeared\n{proc.stderr.read()[-4000:]}")
+            raise AssertionError(f"run ended (rc {proc.returncode}) before {path} appeared")
         if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             raise AssertionError(f"{path} did not appear within {timeout}s")
         time.sleep(0.1)
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL the launcher and every rank (nothing gets to clean up)."""
+    kill_tree(proc.pid)
     proc.wait(timeout=30)
-    proc.stderr.close()
 
 
 def read_metrics(out: Path) -> dict[int, dict]:

@@ -69,6 +69,9 @@ def test_kill_and_resume_three_times_is_bit_identical(straight, embedded_data, t
     # Row 6: every rank consumed exactly the straight run's batches, in the same order.
     assert batch_log(out) == batch_log(straight)
     assert len(batch_log(straight)) == N * 2 * 2  # steps x ranks x accumulation
+    # ... across an epoch boundary: some source was consumed past its number of windows.
+    state = json.loads((out / "checkpoints" / f"step-{N:08d}" / "data" / "rank-00000.json").read_text())
+    assert any(s["consumed"] > s["n_windows"] for s in state["sources"].values()), state["sources"]
     # Row 1: final weights and AdamW moments.
     assert_same_tensors(checkpoint_tensors(straight / "checkpoints" / f"step-{N:08d}"),
                         checkpoint_tensors(out / "checkpoints" / f"step-{N:08d}"))

@@ -26,7 +26,10 @@ import os
 import sys
 
 if __package__ in (None, ""):  # `python training/pretrain.py` / `accelerate launch training/pretrain.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # The script's folder (training/) must not shadow stdlib or top-level modules: swap it for the repo root.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
 
 from training.reliability import set_launch_env  # noqa: E402  (must run before CUDA starts)
 
@@ -63,6 +66,7 @@ from training.schedule import LRSchedule, make_scheduler  # noqa: E402
 
 logger = logging.getLogger("training.pretrain")
 
+_KEEP_ALIVE: list = []  # see the end of train()
 EXIT_NONFINITE = 3  # the run stopped on a non-finite loss/gradient or a spike (policy stop)
 
 
@@ -218,6 +222,12 @@ def train(args: PretrainArguments) -> int:
     metrics.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    # Teardown: a gloo worker thread frees the last finished all-gather (a decref that needs the
+    # GIL) while the main thread, holding the GIL, destroys DDP's reducer -> process group ->
+    # joins that worker: a deadlock seen here at exit. Sleeping hands the GIL to the workers, and
+    # the wrapped objects are kept alive so that process exit, not a destructor, tears them down.
+    time.sleep(0.2)
+    _KEEP_ALIVE.extend([model, optimizer, scheduler])
     return exit_code
 
 
@@ -275,4 +285,11 @@ def cli_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main())
+    rc = cli_main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Everything is flushed and committed; skip interpreter teardown (see the end of train()).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)

@@ -195,7 +195,8 @@ def restore(args, accelerator, model, optimizer, scheduler, loader, meta, ckpt_r
                           timeout_s=args.save_timeout_minutes * 60)
     train_state = out["train_state"]
     step = train_state["step"]
-    loader.load_state_dict(out["data_state"])
+    # Positions in the loader state are global, so another micro-batch split is exact (logged).
+    loader.load_state_dict(out["data_state"], allow_resharding="per_device_train_batch_size" in used)
     if scheduler.last_epoch != step and not args.reset_optimizer:
         raise CheckpointError(f"scheduler state of {path} is at step {scheduler.last_epoch}, train state at {step}")
     saved = LRSchedule.from_dict(train_state["lr_schedule"])
