@@ -100,6 +100,7 @@ class Watchdog:
         self.what, self.step, self.timeout_s = what, step, timeout_s
         self.current = "starting"
         self._started = time.monotonic()
+        self._marks: list[tuple[str, float]] = [("starting", self._started)]
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"ckpt-watchdog-{what}", daemon=True)
 
@@ -113,8 +114,15 @@ class Watchdog:
 
     def phase(self, name: str) -> None:
         self.current = name
+        self._marks.append((name, time.monotonic()))
         logger.debug("checkpoint %s step %s: %s", self.what, self.step, name)
         fault_point(name)
+
+    def timings(self, min_s: float = 0.05) -> str:
+        """'writing model and optimizer shards 1.2 s, hashing files 0.4 s, ...' (phases >= min_s)."""
+        ends = [t for _, t in self._marks[1:]] + [time.monotonic()]
+        spans = [(name, end - t) for (name, t), end in zip(self._marks, ends)]
+        return ", ".join(f"{name} {d:.2f} s" for name, d in spans if d >= min_s)
 
     def remaining(self) -> float:
         return max(1.0, self.timeout_s - (time.monotonic() - self._started))

@@ -174,13 +174,15 @@ def save_checkpoint(
         if rank == 0:
             wd.phase("pruning")
             _prune(root, keep_last)
+        timings = wd.timings()
     size = sum(f["size"] for f in manifest["files"].values())
     logger.info(
-        "saved checkpoint %s (%.1f MB, %d files) in %.1f s",
+        "saved checkpoint %s (%.1f MB, %d files) in %.1f s (%s)",
         final,
         size / 1e6,
         len(manifest["files"]),
         time.monotonic() - started,
+        timings,
     )
     return final
 
@@ -242,14 +244,19 @@ def _hash_and_collect(wd, tmp: Path, step: int) -> dict:
     files = L.list_files(tmp)
     mine, err = {}, None
     try:
-        for rel in files[rank::world]:
-            mine[rel] = {"size": (tmp / rel).stat().st_size, "sha256": L.sha256_file(tmp / rel)}
+        sizes = {rel: (tmp / rel).stat().st_size for rel in files}
+        share = L.share_of_files(sizes, rank, world)
+        mine = {rel: {"size": sizes[rel], "sha256": h} for rel, h in L.hash_files(tmp, share).items()}
     except OSError as e:
         err = f"rank {rank} could not hash {tmp}: {e}"
     agree(err)
     merged: dict = {}
     for part in gather(mine):
         merged.update(part)
+    if set(merged) != set(files):  # ranks saw different listings (a lagging shared filesystem?)
+        unseen = sorted(set(files) ^ set(merged))[:5]
+        err = f"rank {rank} sees files that were not hashed or misses hashed ones: {unseen}"
+    agree(err)
     parts = sorted({L.part_of(rel) for rel in merged})
     expected = {"model", "optimizer", "scheduler", "train_state", "meta"}
     expected |= {f"{k}/rank-{r:05d}" for k in ("rng", "data") for r in range(world)}

@@ -124,8 +124,10 @@ def load_checkpoint(
                     f"this run has {world}; per-rank state does not map to another world size (pass "
                     "reset_rng_and_data=True, and override world_size, to resume anyway)"
                 )
-            files = sorted(manifest["files"])
-            subset = set(files[rank::world]) if verify == "sha256" else set()
+            sizes = {
+                rel: info["size"] for rel, info in manifest["files"].items() if L.part_of(rel) not in skip
+            }
+            subset = set(L.share_of_files(sizes, rank, world)) if verify == "sha256" else set()
             hashed = L.verify_files(path, manifest, required, subset, skip_parts=skip)
         except CheckpointError as e:
             err = str(e)
