@@ -283,3 +283,24 @@ def test_save_on_one_rank_only_fails_fast_and_clearly(tmp_path):
     assert res[0].returncode not in (0, None)
     assert "waiting for every rank to call save" in res[0].stderr and "every rank must call it" in res[0].stderr
     assert latest_checkpoint(tmp_path / "c") is None
+
+
+def test_a_rank_killed_mid_save_does_not_hang_the_others(tmp_path):
+    """Rank 1 is SIGKILLed while writing its state; rank 0 must fail promptly (not wait for a
+    30-minute collective timeout), and the partial save is never picked."""
+    root, marker = tmp_path / "ckpt", tmp_path / "marker"
+    ranks = start_ranks(
+        "test_checkpoint_distributed:save_then_stall", 2,
+        kwargs={"root": str(root), "stall": "writing per-rank state:300:1", "marker": str(marker)},
+        result_dir=tmp_path / "r",
+    )  # fmt: skip
+    _wait_for(marker, ranks)
+    killed_at = time.monotonic()
+    os.killpg(ranks.procs[1].pid, signal.SIGKILL)
+    res = ranks.wait(90)
+    assert time.monotonic() - killed_at < 60
+    assert res[1].returncode == -signal.SIGKILL
+    assert res[0].returncode not in (0, None)
+    assert "saving step 3" in res[0].stderr and "writing per-rank state" in res[0].stderr, res[0].stderr[-3000:]
+    assert [s for s, _ in committed(root)] == [1, 2]
+    assert latest_checkpoint(root).name == "step-00000002"
