@@ -164,3 +164,22 @@ def test_validation_batches(data_dir):
     for name, batches in val.items():
         assert 1 <= len(batches) <= 3 and all(b.shape[1] == SEQ + 1 and b.shape[0] <= 2 for b in batches)
         assert all((x == y).all() for x, y in zip(batches, again[name]))
+
+
+def test_wide_vocabulary_uses_uint32_shards(tmp_path):
+    """A vocabulary past 65,536 ids is written as uint32 (prepare) and read back exactly (loader)."""
+    from training.data import shards
+
+    dtype = shards.dtype_for_vocab(100_000)
+    ids = (np.arange(1000, dtype=np.int64) * 97 + 65_000) % 100_000  # many ids >= 65,536
+    (tmp_path / "s").mkdir()
+    sha = shards.write_array_atomic(tmp_path / "s" / "train-00000.bin", ids.astype(dtype))
+    shards.write_json_atomic(tmp_path / "manifest.json", {
+        "format_version": shards.FORMAT_VERSION, "fingerprint": "f" * 64, "dtype": dtype.name,
+        "sources": {"s": {"weight": 1.0, "shards": [
+            {"file": "s/train-00000.bin", "split": "train", "tokens": 1000, "sha256": sha}]}}})  # fmt: skip
+    loader = PackedLoader(tmp_path, seq_len=9, micro_batch_size=100, verify_checksums=True)
+    rows = loader.next_batch()
+    assert dtype == np.uint32 and rows.max() >= 65_536
+    got = {tuple(r.tolist()) for r in rows}
+    assert got == {tuple(ids[i : i + 10].tolist()) for i in range(0, 1000, 10)}
