@@ -201,7 +201,8 @@ def model_card_section(constitution: Constitution, stage: str, extra: dict | Non
 
 
 def record_in_model_card(output_dir: str | Path, constitution: Constitution, stage: str, extra: dict | None = None):
-    """Write the constitution into `README.md` (replacing an earlier Alignment section) and copy the YAML."""
+    """Write the constitution into `README.md` (replacing an earlier Alignment section), copy the YAML, and
+    write `alignment.json` (stage, constitution, `extra`): what a cycle's lineage reads back."""
     out = Path(output_dir)
     card = out / "README.md"
     text = card.read_text(encoding="utf-8") if card.exists() else f"---\nlibrary_name: transformers\n---\n# {out.name}\n"
@@ -210,3 +211,8 @@ def record_in_model_card(output_dir: str | Path, constitution: Constitution, sta
     tmp.write_text(head + model_card_section(constitution, stage, extra), encoding="utf-8")
     tmp.replace(card)
     (out / "constitution.yaml").write_bytes(Path(constitution.path).read_bytes())
+    record = {"stage": stage, "constitution": {"name": constitution.name, "version": constitution.version,
+                                               "sha256": constitution.sha256}, **(extra or {})}
+    tmp = out / "alignment.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    tmp.replace(out / "alignment.json")

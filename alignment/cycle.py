@@ -86,17 +86,22 @@ def _recipe_record(path: str) -> dict:
     return {"path": path, "sha256": _sha256(path), "values": yaml.safe_load(Path(path).read_text(encoding="utf-8"))}
 
 
-def _train(stage: str, cfg: dict, argv: list[str]) -> dict:
-    """Run SFT or DPO with the recipe plus overrides, in process or through the launcher."""
+def _train(stage: str, cfg: dict, argv: list[str], output_dir: Path) -> dict:
+    """Run SFT or DPO with the recipe plus overrides, in process or through the launcher; return the
+    stage's `alignment.json` (data stats, loss, ...) either way."""
     script = ALIGNMENT_DIR / f"{stage}.py"
+    record: dict = {}
     if cfg.get("launcher"):
         cmd = [*shlex.split(cfg["launcher"]), str(script), *argv]
         logger.info("running %s", " ".join(cmd))
         subprocess.run(cmd, check=True)
-        return {"launched": " ".join(cmd)}
-    module = __import__(f"alignment.{stage}", fromlist=["main", "parse"])
-    result = module.main(*module.parse(argv))
-    return {k: v for k, v in result.items() if k != "log_history"}
+        record["launched"] = " ".join(cmd)
+    else:
+        module = __import__(f"alignment.{stage}", fromlist=["main", "parse"])
+        module.main(*module.parse(argv))
+    record.update(json.loads((output_dir / "alignment.json").read_text(encoding="utf-8")))
+    record["output_dir"] = str(output_dir)
+    return record
 
 
 def _write_json(obj: dict, path: Path) -> None:
@@ -146,7 +151,7 @@ def run_cycle(cfg: dict) -> dict:
 
     sft_dir = out / "sft"
     lineage["data"]["sft"] = _train("sft", cfg, ["--config", cfg["sft_recipe"], "--model_name_or_path", str(base),
-                                                 "--output_dir", str(sft_dir)])
+                                                 "--output_dir", str(sft_dir)], sft_dir)
     lineage["models"]["sft"] = str(sft_dir)
     lineage["scores"]["sft"] = evaluate_path(sft_dir, eval_prompts, scorer, **eval_kwargs)
 
@@ -169,7 +174,7 @@ def run_cycle(cfg: dict) -> dict:
         write_jsonl(pairs, out / "pairs.jsonl")
         lineage["data"]["pairs"] = {**stats, "path": str(out / "pairs.jsonl"), "sha256": _sha256(out / "pairs.jsonl")}
         dpo_argv += ["--dataset_name", str(out / "pairs.jsonl")]
-    lineage["data"]["dpo"] = _train("dpo", cfg, dpo_argv)
+    lineage["data"]["dpo"] = _train("dpo", cfg, dpo_argv, out / "dpo")
     lineage["models"]["dpo"] = str(out / "dpo")
     lineage["scores"]["dpo"] = evaluate_path(out / "dpo", eval_prompts, scorer, **eval_kwargs)
 

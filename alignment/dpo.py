@@ -99,7 +99,8 @@ def main(script_args: DPOScriptArguments, training_args, model_args) -> dict:
         record_in_model_card(
             training_args.output_dir, constitution, "dpo",
             {"sft_model": model_args.model_name_or_path, "data": data_stats, "train_loss": result.training_loss,
-             "reward_margin_first_last": [margins[0], margins[-1]] if margins else None, "beta": training_args.beta},
+             "reward_margin_first_last": [margins[0], margins[-1]] if margins else None, "beta": training_args.beta,
+             "steps": trainer.state.global_step},
         )
     if hasattr(trainer, "end"):
         trainer.end()

@@ -132,11 +132,13 @@ def main(script_args: SFTScriptArguments, training_args, model_args) -> dict:
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     save_final(trainer, tokenizer, training_args.output_dir)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if trainer.accelerator.is_main_process:
         logger.info("SFT done: loss %.4f, saved to %s", result.training_loss, training_args.output_dir)
         record_in_model_card(
             training_args.output_dir, constitution, "sft",
-            {"base_model": model_args.model_name_or_path, "data": data_stats, "train_loss": result.training_loss},
+            {"base_model": model_args.model_name_or_path, "data": data_stats, "train_loss": result.training_loss,
+             "loss_first_last": [losses[0], losses[-1]] if losses else None, "steps": trainer.state.global_step},
         )
     if hasattr(trainer, "end"):
         trainer.end()
