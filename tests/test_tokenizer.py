@@ -126,11 +126,16 @@ def test_train_from_files_cli_and_report(tmp_path):
     text = "\n\n".join(f"Paragraph {i}: the cat sat on the mat and the dog ran after it." for i in range(200))
     (tmp_path / "a.txt").write_text(text, encoding="utf-8")
     write_jsonl(tmp_path / "b.jsonl", [{"text": f"def f{i}(x):\n    return x * {i}\n"} for i in range(100)])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [f"Row {i} of a parquet file." for i in range(50)]}), tmp_path / "c.parquet")
     out = tmp_path / "tok"
-    assert cli_main(["train", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), "--vocab-size", "330",
-                     "--min-frequency", "1", "--output", str(out), "--no-progress"]) == 0  # fmt: skip
+    files = [str(tmp_path / f) for f in ("a.txt", "b.jsonl", "c.parquet")]
+    assert cli_main(["train", *files, "--vocab-size", "330", "--min-frequency", "1", "--output", str(out),
+                     "--no-progress"]) == 0  # fmt: skip
     report = json.loads((out / "genesis_tokenizer.json").read_text())
-    assert report["vocab_size"] == 330 and set(report["bytes_per_token"]) == {"a.txt", "b.jsonl"}
+    assert report["vocab_size"] == 330 and set(report["bytes_per_token"]) == {"a.txt", "b.jsonl", "c.parquet"}
     assert all(v > 1.0 for v in report["bytes_per_token"].values())
     tok = train_tokenizer(iter([text]), 320, show_progress=False)  # an iterator of strings, not saved
     assert len(tok) == 320 and tok.decode(tok.encode(text)) == text
