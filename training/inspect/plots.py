@@ -90,7 +90,10 @@ def plot_runs(runs: list[Run], output: str | Path, *, panels: list[str] | None =
                             linewidth=1.0, alpha=0.85, label=f"{run.name} val {src}")
                     drawn = True
             _mark(ax, run, color)
+        steps = [s for r in runs for s in r.steps]
+        ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)  # every panel on the same step axis
         if not drawn:
+            ax.set_yticks([])
             ax.text(0.5, 0.5, f"no '{key}' values in these runs", ha="center", va="center",
                     transform=ax.transAxes, color="0.4")
         else:
