@@ -1,0 +1,76 @@
+"""`genesis quickstart` end to end (tiny data, 3 steps, in-process) and the checkpoint export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _pretrain_fixtures import embedded_data  # noqa: F401  (fixture)
+
+from training import quickstart
+from training.checkpoint import CheckpointError, load_model_weights
+from training.export import ExportError, export_checkpoint
+
+
+@pytest.fixture(scope="module")
+def qs_run(tmp_path_factory, embedded_data):  # noqa: F811
+    root = tmp_path_factory.mktemp("qs")
+    mp = pytest.MonkeyPatch()
+    # The embedded corpus takes a minute to build; the tiny mixture goes through the same path.
+    mp.setattr(quickstart, "ensure_embedded_data", lambda _root: embedded_data)
+    try:
+        rc = quickstart.cli_main(["--output-dir", str(root), "--max-steps", "3", "--max-new-tokens", "8",
+                                  "--no-progress"])
+    finally:
+        mp.undo()
+    assert rc == 0
+    return root
+
+
+def test_quickstart_trains_exports_and_samples(qs_run, capsys):
+    records = [json.loads(x) for x in (qs_run / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 3
+    model_dir = qs_run / "model" / "step-00000003"
+    names = {p.name for p in model_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= names
+    card = (model_dir / "README.md").read_text()
+    assert "| step | 3 |" in card and "embedded.yaml" in card and "step-00000003" in card
+
+
+def test_export_matches_the_checkpoint_weights(qs_run):
+    from transformers import AutoModelForCausalLM
+
+    from genesis_hf import GenesisConfig, GenesisForCausalLM
+
+    ckpt = qs_run / "run" / "checkpoints" / "step-00000003"
+    exported = AutoModelForCausalLM.from_pretrained(qs_run / "model" / "step-00000003", dtype=torch.float32)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    ref = GenesisForCausalLM(GenesisConfig.from_dict(meta["model_config"]))
+    load_model_weights(ckpt, ref)
+    ref_sd = ref.state_dict()
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, ref_sd[name].to(torch.bfloat16).float()), name  # saved in bf16
+
+
+def test_export_refuses_bad_inputs(qs_run, tmp_path):
+    ckpt = qs_run / "run" / "checkpoints" / "step-00000003"
+    with pytest.raises(ExportError, match="already exists"):
+        export_checkpoint(ckpt, qs_run / "model" / "step-00000003")
+    with pytest.raises(CheckpointError):
+        export_checkpoint(tmp_path, tmp_path / "out")  # not a checkpoint
+    with pytest.raises(ExportError, match="does not exist here"):
+        export_checkpoint(ckpt, tmp_path / "out2", tokenizer_dir=tmp_path / "missing")
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_command_on_a_fresh_folder(tmp_path):
+    """The README line, for real: embedded corpus, tokenizer, data, training, export, samples."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "genesis_hf.cli", "quickstart", "--output-dir", str(tmp_path),
+                          "--max-steps", "5", "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "[4/4] samples" in res.stdout and (tmp_path / "model" / "step-00000005" / "model.safetensors").exists()
