@@ -236,3 +236,24 @@ def test_token_budget_caps_and_extends(embedded, tmp_path, monkeypatch):  # noqa
     straight = prepare(mix, embedded[0], tmp_path / "s", show_progress=False)["sources"]["a"]
     assert full["documents"] == straight["documents"] == 120
     assert full["train_tokens"] == straight["train_tokens"]
+
+
+def test_failing_source_in_parallel_reports_its_own_error(embedded, tmp_path):  # noqa: F811
+    write_jsonl(tmp_path / "ok.jsonl", synthetic_docs("ok", 50))
+    write_jsonl(tmp_path / "bad.jsonl", [{"body": "x"}])
+    mix = write_mixture(tmp_path / "m.yaml", [{"name": "ok", "data_files": "ok.jsonl", "weight": 1},
+                                              {"name": "bad", "data_files": "bad.jsonl", "weight": 1}])  # fmt: skip
+    with pytest.raises(ValueError, match=r"bad\.jsonl: source 'bad', record 1: missing field 'text'"):
+        prepare(mix, embedded[0], tmp_path / "data", show_progress=False, num_proc=2)
+    write_jsonl(tmp_path / "bad.jsonl", [{"text": "fixed"}])  # fix the input; the re-run completes
+    m = prepare(mix, embedded[0], tmp_path / "data", show_progress=False, num_proc=2)
+    assert (m["sources"]["ok"]["documents"], m["sources"]["bad"]["documents"]) == (50, 1)
+
+
+def test_rewritten_input_is_refused_on_resume(embedded, tmp_path):  # noqa: F811
+    write_jsonl(tmp_path / "a.jsonl", synthetic_docs("a", 30))
+    mix = write_mixture(tmp_path / "m.yaml", [{"name": "a", "data_files": "a.jsonl", "weight": 1}])
+    prepare(mix, embedded[0], tmp_path / "data", show_progress=False)
+    write_jsonl(tmp_path / "a.jsonl", synthetic_docs("a", 31))
+    with pytest.raises(ValueError, match=r"source 'a' changed \(origin, schema, fields or file contents\)"):
+        prepare(mix, embedded[0], tmp_path / "data", show_progress=False)

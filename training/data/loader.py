@@ -227,7 +227,8 @@ class PackedLoader:
                 if entry[field] != have:
                     raise ValueError(
                         f"loader state field sources.{name}.{field} is {entry[field]}, the data in "
-                        f"{self.data_dir} has {have}: the source changed since the state was saved"
+                        f"{self.data_dir} has {have}: the source changed since the state was saved (its window "
+                        "order would change; add new data at a cycle boundary as a source with a new name)"
                     )
             consumed[name] = int(entry["consumed"])
         segment = state["segment"]

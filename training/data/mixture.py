@@ -63,6 +63,8 @@ class SourceSpec:
     def identity(self) -> str:
         """Digest of everything that decides this source's documents (not its weight or budget)."""
         keep = {k: v for k, v in asdict(self).items() if k not in ("weight", "max_tokens")}
+        if self.data_files and not self.hub_id:  # local files: a rewritten file is another source
+            keep["stat"] = [(os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in self.data_files]
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

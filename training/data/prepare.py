@@ -24,8 +24,9 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_MIXTURE = Path(__file__).resolve().parents[1] / "mixtures" / "embedded.yaml"
 _BATCH = 256  # documents per encode_batch call
+_STOP = threading.Event()  # set by prepare() to stop worker threads between batches
 
 
 def _digest(data: bytes) -> int:
@@ -97,7 +99,9 @@ def _load_progress(src_dir: Path, fingerprint: str, identity: str, name: str) ->
             f"{fingerprint[:16]}...: refusing to mix tokenizers (choose a new --output)"
         )
     if state["identity"] != identity:
-        raise ValueError(f"{path}: source {name!r} changed (origin, schema or fields) since its shards were written")
+        raise ValueError(
+            f"{path}: source {name!r} changed (origin, schema, fields or file contents) since its shards were written"
+        )
     return state
 
 
@@ -179,6 +183,8 @@ def _prepare_source(job: dict) -> dict:
             seen.add(digest)
             batch.append((text, digest))
             if len(batch) >= _BATCH:
+                if _STOP.is_set():
+                    raise RuntimeError(f"source {spec.name!r}: stopped; re-run to resume from its last commit")
                 flush(batch)
                 batch = []
                 if c["train_tokens"] >= budget:
@@ -257,8 +263,21 @@ def prepare(
         # Threads, not processes: encode_batch releases the GIL and fans out over the Rust thread
         # pool, and threads need no fork (unsafe after the tokenizer's pool started) or spawn
         # (which re-imports the caller's __main__).
+        _STOP.clear()
         with ThreadPoolExecutor(procs) as pool:
-            states = list(pool.map(_prepare_source, jobs))
+            futures = [pool.submit(_prepare_source, job) for job in jobs]
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # Ctrl-C: the workers stop at their next batch, after their last commit
+                _STOP.set()
+                raise
+            failed = [f for f in futures if f.done() and f.exception() is not None]
+            if failed:  # one source failed: stop the others too, then report the first failure
+                _STOP.set()
+                for f in futures:
+                    f.cancel()
+                raise failed[0].exception()
+            states = [f.result() for f in futures]
     else:
         states = [_prepare_source(job) for job in jobs]
     manifest = {
