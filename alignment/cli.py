@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from alignment.constitution import DEFAULT_CONSTITUTION
-from alignment.evaluate import DEFAULT_EVAL_PROMPTS
+from alignment.evaluate import DEFAULT_EVAL_PAIRS, DEFAULT_EVAL_PROMPTS
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", required=True, metavar="[STAGE=]DIR",
                    help="model folder; repeat for several stages, e.g. --model base=A --model sft=B")
     p.add_argument("--prompts", default=str(DEFAULT_EVAL_PROMPTS))
+    p.add_argument("--pairs", default=str(DEFAULT_EVAL_PAIRS),
+                   help="held-out preference pairs for the log-prob preference columns ('' to skip)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--output", help="write results as JSON here")
     p.add_argument("--wandb-project", help="also log to this wandb project (offline without WANDB_API_KEY)")
@@ -133,11 +135,14 @@ def _run(args) -> int:
         print(json.dumps(stats))
     elif args.command == "eval":
         from alignment.evaluate import evaluate_path, format_table, log_to_wandb
+        from alignment.pairs import read_seed_pairs
 
         prompts, scorer, results = read_prompts(args.prompts), _scorer(args), {}
+        pairs = read_seed_pairs(args.pairs) if args.pairs else None
         for spec in args.model:
             stage, _, path = spec.rpartition("=")
-            results[stage or Path(path).name] = evaluate_path(path, prompts, scorer, max_new_tokens=args.max_new_tokens)
+            results[stage or Path(path).name] = evaluate_path(path, prompts, scorer, max_new_tokens=args.max_new_tokens,
+                                                              pairs=pairs)
         print(format_table(results))
         if args.output:
             Path(args.output).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

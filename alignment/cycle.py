@@ -40,7 +40,7 @@ CYCLE_KEYS = {
     "judge_model", "pairs", "eval", "wandb_project", "report_to_wandb", "constitution", "seed",
 }
 PAIRS_KEYS = {"prompts", "k", "min_margin", "max_new_tokens", "temperature", "seeds"}
-EVAL_KEYS = {"prompts", "max_new_tokens"}
+EVAL_KEYS = {"prompts", "max_new_tokens", "pairs"}
 
 
 def load_cycle_config(path: str | Path, overrides: dict | None = None) -> dict:
@@ -130,6 +130,9 @@ def run_cycle(cfg: dict) -> dict:
     eval_prompts_path = resolve_path(eval_cfg.get("prompts", ALIGNMENT_DIR / "data" / "eval_prompts.jsonl"))
     eval_prompts = read_prompts(eval_prompts_path)
     eval_kwargs = {"max_new_tokens": eval_cfg.get("max_new_tokens", 128)}
+    eval_pairs_path = resolve_path(eval_cfg["pairs"]) if eval_cfg.get("pairs") else None
+    if eval_pairs_path:
+        eval_kwargs["pairs"] = read_seed_pairs(eval_pairs_path)
     lineage = {
         "cycle": cfg["name"],
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -140,6 +143,8 @@ def run_cycle(cfg: dict) -> dict:
                     "dpo": _recipe_record(cfg["dpo_recipe"])},
         "scorer": getattr(scorer, "name", "rule"),
         "eval_prompts": {"path": str(eval_prompts_path), "sha256": _sha256(eval_prompts_path), "n": len(eval_prompts)},
+        "eval_pairs": {"path": str(eval_pairs_path), "sha256": _sha256(eval_pairs_path),
+                       "n": len(eval_kwargs["pairs"])} if eval_pairs_path else None,
         "data": {},
         "scores": {},
         "models": {},

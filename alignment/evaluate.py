@@ -1,7 +1,8 @@
 """Measuring the goal: hedging rate and curiosity score on held-out prompts.
 
 Greedy answers to `alignment/data/eval_prompts.jsonl` (prompts that appear in no training file),
-scored by the constitution scorer. The same prompts and scorer are used before SFT, after SFT and
+scored by the constitution scorer; plus, on held-out hand-written pairs (`eval_pairs.jsonl`, the same
+prompts), how much the model's own log-probs prefer the curious answer to the hedging one. The same prompts and scorer are used before SFT, after SFT and
 after DPO, so the three rows of the table are comparable; results go to a markdown table and to
 wandb (offline unless WANDB_API_KEY is set; the key itself is never logged).
 
@@ -14,22 +15,54 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_EVAL_PROMPTS = Path(__file__).resolve().parent / "data" / "eval_prompts.jsonl"
+DEFAULT_EVAL_PAIRS = Path(__file__).resolve().parent / "data" / "eval_pairs.jsonl"
 METRICS = ("hedging_rate", "curiosity", "hedging", "score", "mean_words")
+PREF_METRICS = ("pref_accuracy", "pref_margin")
+
+
+@torch.no_grad()
+def preference_margin(model, tokenizer, pairs: list[dict]) -> dict:
+    """How much the model itself prefers the curious answer over the hedging one on held-out pairs.
+
+    Per pair: mean log-prob per token of `chosen` minus that of `rejected`, each given the prompt
+    through the chat template (length-normalised, so a longer specific answer is not penalised for
+    its length). Returns {pref_accuracy: share of pairs with a positive gap, pref_margin: mean gap}.
+    This reads the model's distribution directly, so it is meaningful even when a small model's
+    greedy answers are not yet.
+    """
+    gaps = []
+    for pair in pairs:
+        prompt_ids = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
+        means = []
+        for key in ("chosen", "rejected"):
+            ids = tokenizer.apply_chat_template(pair["prompt"] + pair[key], return_dict=True)["input_ids"]
+            input_ids = torch.tensor([ids], device=model.device)
+            logps = torch.log_softmax(model(input_ids=input_ids).logits[0, :-1].float(), -1)  # (T-1, V)
+            targets = input_ids[0, 1:]  # (T-1,)
+            token_logps = logps.gather(-1, targets[:, None])[:, 0][len(prompt_ids) - 1 :]  # the answer's tokens
+            means.append(token_logps.mean().item())
+        gaps.append(means[0] - means[1])
+    return {"pref_accuracy": sum(g > 0 for g in gaps) / len(gaps), "pref_margin": sum(gaps) / len(gaps)}
 
 
 def evaluate_model(model, tokenizer, prompts: list[str], scorer, max_new_tokens: int = 128, batch_size: int = 8,
-                   keep_samples: int = 3) -> dict:
-    """Greedy answers -> {n, hedging_rate, curiosity, hedging, score, mean_words, samples}."""
+                   keep_samples: int = 3, pairs: list[dict] | None = None) -> dict:
+    """Greedy answers -> {n, hedging_rate, curiosity, hedging, score, mean_words, samples}
+    (+ pref_accuracy, pref_margin on held-out `pairs`)."""
     from alignment.generate import generate_replies
 
     answers = [r[0] for r in generate_replies(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
                                               max_new_tokens=max_new_tokens, batch_size=batch_size)]
     scores = [scorer.score(p, a) for p, a in zip(prompts, answers)]
     n = len(scores)
+    pref = preference_margin(model, tokenizer, pairs) if pairs else {}
     return {
+        **pref,
         "n": n,
         "hedging_rate": sum(s.hedged for s in scores) / n,
         "curiosity": sum(s.curiosity for s in scores) / n,
@@ -52,12 +85,20 @@ def evaluate_path(path: str | Path, prompts: list[str], scorer, device: str | No
 
 def format_table(results: dict[str, dict]) -> str:
     """{stage: result} -> markdown table, one row per stage, in insertion order."""
-    lines = ["| stage | n | hedging rate | curiosity | hedging | score | words |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    pref = all("pref_accuracy" in r for r in results.values())
+    head = "| stage | n | hedging rate | curiosity | hedging | score | words |"
+    rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    if pref:
+        head, rule = head + " pref. acc. | pref. margin |", rule + " ---: | ---: |"
+    lines = [head, rule]
     for stage, r in results.items():
-        lines.append(
+        row = (
             f"| {stage} | {r['n']} | {r['hedging_rate']:.1%} | {r['curiosity']:.3f} | {r['hedging']:.3f} "
             f"| {r['score']:+.3f} | {r['mean_words']:.0f} |"
         )
+        if pref:
+            row += f" {r['pref_accuracy']:.1%} | {r['pref_margin']:+.3f} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -76,10 +117,11 @@ def log_to_wandb(results: dict[str, dict], project: str = "genesis-align", run_n
     wandb_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project=project, name=run_name, config=safe_config, dir=str(wandb_dir), job_type="eval",
                      reinit="finish_previous")
-    table = wandb.Table(columns=["stage", *METRICS])
+    metrics = METRICS + (PREF_METRICS if all("pref_accuracy" in r for r in results.values()) else ())
+    table = wandb.Table(columns=["stage", *metrics])
     for stage, r in results.items():
-        table.add_data(stage, *[r[m] for m in METRICS])
-        run.summary.update({f"{stage}/{m}": r[m] for m in METRICS})
+        table.add_data(stage, *[r[m] for m in metrics])
+        run.summary.update({f"{stage}/{m}": r[m] for m in metrics})
     run.log({"alignment_eval": table})
     run_dir = run.dir
     run.finish()

@@ -79,6 +79,7 @@ def test_cycle_end_to_end_records_lineage_and_never_leaks_secrets(base, tmp_path
     assert lineage["data"]["pairs"]["seed_pairs"] == 12 and lineage["data"]["dpo"]["data"]["rows"] >= 12
     assert lineage["recipes"]["sft"]["values"]["max_steps"] == 6 and len(lineage["recipes"]["dpo"]["sha256"]) == 64
     assert "| dpo |" in (out / "results.md").read_text()
+    assert 0.0 <= lineage["scores"]["dpo"]["pref_accuracy"] <= 1.0 and lineage["eval_pairs"]["n"] == 8
     assert list((out / "wandb").rglob("*.wandb")), "an offline wandb run was written"
 
     # Secrets: in no file of the cycle folder (lineage, cards, recipes, wandb run, training args).

@@ -87,3 +87,18 @@ def test_every_training_recipe_parses_against_its_script(name):
         assert training_args.assistant_only_loss and training_args.packing
     if "1b" in name:
         assert model_args.dtype == "bfloat16" and training_args.report_to == ["wandb"]
+
+
+def test_dpo_prefers_curious_answers_on_held_out_pairs(trained):
+    """The goal, measured on prompts DPO never saw: the model's own log-probs move toward the curious answer."""
+    from alignment.evaluate import preference_margin
+    from alignment.generate import load_model_and_tokenizer
+    from alignment.pairs import read_seed_pairs
+
+    root, _, _ = trained
+    pairs = read_seed_pairs(DATA_DIR / "eval_pairs.jsonl")
+    held_out = {p["prompt"][0]["content"] for p in pairs}
+    assert not held_out & {p["prompt"][0]["content"] for p in read_seed_pairs(DATA_DIR / "preference_seeds.jsonl")}
+    pref = {stage: preference_margin(*load_model_and_tokenizer(root / stage, device="cpu"), pairs) for stage in ("sft", "dpo")}
+    assert pref["dpo"]["pref_margin"] > pref["sft"]["pref_margin"] + 0.05, pref
+    assert pref["dpo"]["pref_accuracy"] >= 0.75, pref
