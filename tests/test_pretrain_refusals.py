@@ -40,8 +40,10 @@ def test_missing_optimizer_state_is_refused(base, embedded_data, tmp_path):  # n
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{N - 2:08d}", f"step-{N:08d}"]
 
 
-@pytest.mark.parametrize("change, field", [(("--seq_len", "32"), "seq_len"),
-                                           (("--gradient_accumulation_steps", "1"), "gradient_accumulation_steps")])
+@pytest.mark.parametrize("change, field", [
+    (("--seq_len", "32"), "seq_len"),
+    pytest.param(("--gradient_accumulation_steps", "1"), "gradient_accumulation_steps", marks=pytest.mark.slow),
+])
 def test_other_geometry_is_refused(base, embedded_data, tmp_path, change, field):  # noqa: F811
     out = copy_run(base, tmp_path / "run")
     res = run_pretrain(out, embedded_data, "--max_steps", str(N + 2), *ARGS, *change)
@@ -117,3 +119,17 @@ def test_skip_policy_skips_nan_and_spike_steps(embedded_data, tmp_path):  # noqa
     steps = {v.item() for k, v in tensors.items() if k.endswith(".step")}
     assert steps == {5.0}, f"AdamW took {steps} steps; 7 minus the 2 skipped expected"
     assert all(torch.isfinite(v).all() for v in tensors.values() if isinstance(v, torch.Tensor))
+
+
+def test_secrets_never_reach_logs_wandb_or_checkpoints(embedded_data, tmp_path):  # noqa: F811
+    # Row 13, one process with wandb (offline: WANDB_MODE=offline is set by conftest).
+    sentinel = {"HF_TOKEN": "hf_SENTINELsentinel0123456789", "WANDB_API_KEY": "SENTINEL" + "0" * 32}
+    out = tmp_path / "run"
+    res = ok(run_pretrain(out, embedded_data, "--max_steps", "2", *ARGS, "--report_to", "wandb", nproc=1,
+                          env=sentinel | {"WANDB_MODE": "offline"}))
+    assert (out / "wandb").is_dir()
+    for value in sentinel.values():
+        assert value not in res.stdout + res.stderr
+        for f in out.rglob("*"):
+            if f.is_file():
+                assert value.encode() not in f.read_bytes(), f"{value[:12]}... found in {f}"

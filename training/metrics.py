@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import secrets
 from pathlib import Path
 
 import torch
@@ -144,7 +145,9 @@ def _init_wandb(output_dir: Path, project: str, run_name: str | None, config: di
         logger.info("wandb: no WANDB_API_KEY in the environment, logging offline to %s/wandb", output_dir)
     # resume="allow" with a run id stored beside the metrics keeps one wandb run across restarts.
     id_file = output_dir / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
+    # No command line, code or git metadata: a token passed on a command line once leaked this way.
+    settings = wandb.Settings(x_disable_meta=True, disable_code=True, disable_git=True, save_code=False)
     return wandb.init(project=project, name=run_name or output_dir.name, id=run_id, resume="allow",
-                      dir=str(output_dir), config=config)
+                      dir=str(output_dir), config=config, settings=settings)
