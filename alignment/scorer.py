@@ -84,6 +84,7 @@ _MECHANISM_RE = re.compile(
     re.IGNORECASE,
 )
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+")
+_REPEAT_RE = re.compile(r"(.)\1{5,}")  # "nnnnnn", "::::::", "000000": degenerate sampling, not content
 _WORD_RE = re.compile(r"[A-Za-z][A-Za-z'-]*")
 
 
@@ -140,8 +141,14 @@ class RuleScorer:
             + 0.15 * min(1.0, n_words / 60)
         )
         hedging = min(1.0, 0.4 * disclaimers + 0.2 * qualifier_excess + (0.4 if non_answer else 0.0))
+        # Degenerate text (character runs, a few words on repeat) earns no credit for its "specifics":
+        # without this, a weak policy's "20000000000" would outrank a plain sentence in DPO pairs.
+        distinct = len({w.lower() for w in words}) / max(n_words, 1)
+        degenerate = bool(_REPEAT_RE.search(text)) or (n_words >= 8 and distinct < 0.5)
         if non_answer or empty:
             curiosity *= 0.5
+        if degenerate:
+            curiosity *= 0.25
         details = {
             "disclaimers": float(disclaimers),
             "qualifiers": float(qualifiers),
@@ -151,6 +158,7 @@ class RuleScorer:
             "followup": followup,
             "non_answer": float(non_answer),
             "empty": float(empty),
+            "degenerate": float(degenerate),
             "words": float(n_words),
         }
         return Score(curiosity=round(curiosity, 4), hedging=round(hedging, 4),
@@ -178,9 +186,11 @@ class JudgeScorer:
         self.model, self.tokenizer, self.constitution = model, tokenizer, constitution
         self.hedge_threshold = hedge_threshold
         self.max_answer_chars = max_answer_chars
-        self.yes_ids = self._answer_token_ids(["yes", " yes", "Yes", " Yes"])
-        self.no_ids = self._answer_token_ids(["no", " no", "No", " No"])
-        if not self.yes_ids or not self.no_ids or set(self.yes_ids) & set(self.no_ids):
+        yes = set(self._answer_token_ids(["yes", " yes", "Yes", " Yes"]))
+        no = set(self._answer_token_ids(["no", " no", "No", " No"]))
+        # A first piece shared by both (e.g. a bare " " in a small vocabulary) says nothing: drop it.
+        self.yes_ids, self.no_ids = sorted(yes - no), sorted(no - yes)
+        if not self.yes_ids or not self.no_ids:
             raise ValueError("judge tokenizer cannot tell 'yes' from 'no' by their first token; use the rule scorer")
 
     def _answer_token_ids(self, words: list[str]) -> list[int]:

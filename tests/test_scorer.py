@@ -112,3 +112,13 @@ def test_get_scorer_errors_are_clear():
         get_scorer("judge")
     with pytest.raises(ValueError, match="unknown scorer 'vibes'"):
         get_scorer("vibes")
+
+
+def test_degenerate_text_gets_no_credit_for_its_numbers():
+    scorer = RuleScorer()
+    noise = scorer.score("Why do we have leap years?", "Annnnnnnnnn meting, and and is about 20000000000000000000.")
+    plain = scorer.score("Why do we have leap years?", "Because the year is about 365.25 days long, so we add a day.")
+    assert noise.details["degenerate"] == 1.0 and plain.details["degenerate"] == 0.0
+    assert plain.total > noise.total
+    loop = scorer.score("Q?", "the cat the cat the cat the cat the cat the cat 42 43 44")
+    assert loop.details["degenerate"] == 1.0
