@@ -101,7 +101,7 @@ def train_step(model, optimizer, scheduler, loader, accelerator, args, guard, fa
     # One collective per step: the loss of every rank (NaN/inf on any rank poisons the sum).
     loss_sum, = all_reduce_sum(torch.stack([loss_sum / accum]), accelerator.device)  # CPU-GPU sync point
     loss = loss_sum.item() / accelerator.num_processes
-    grad_norm = float(grad_norm)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # DTensor
     lr = optimizer.param_groups[0]["lr"]
     problem = None
     if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(torch.tensor(grad_norm))):
