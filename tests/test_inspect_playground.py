@@ -53,6 +53,14 @@ def test_playground_models_and_bad_paths(inspect_run, inspect_export, tmp_path):
     headers, rows, status = pg.across_run(["tiny-run/step-00000006"], 0.0, 1.0, 4, 0)
     assert headers == ["prompt", "tiny-run/step-00000006"] and len(rows) == len(FIXED_PROMPTS)
     assert all(len(r) == 2 and r[1] for r in rows) and status == "Done."
+    # Curves tab: a run plots; a broken metrics file is named in the status line, nothing raises.
+    assert pg.runs == [str(inspect_run)]
+    png, status = pg.plot(str(inspect_run))
+    assert Path(png).stat().st_size > 10_000 and status == "Plotted tiny-run."
+    broken = tmp_path / "metrics.jsonl"
+    broken.write_text('{"step": 1, "loss": 2.0}\n{"step": 2,\n{"step": 3, "loss": 1.0}\n')
+    png, status = pg.plot(f"{inspect_run}\n{broken}")
+    assert png is None and f"**Error:** {broken}:2: broken metrics line" in status
 
 
 def _free_port() -> int:
@@ -97,6 +105,18 @@ def test_browser_generation(inspect_export, tmp_path):  # noqa: F811
         driver.find_element(By.CSS_SELECTOR, "#add").click()
         wait.until(lambda d: "not-a-model" in d.find_element(By.CSS_SELECTOR, "#status").text)
         assert "no such folder" in driver.find_element(By.CSS_SELECTOR, "#status").text
+        # A broken metrics file in the Curves tab: named in the page.
+        broken = tmp_path / "broken" / "metrics.jsonl"
+        broken.parent.mkdir()
+        broken.write_text('{"step": 1, "loss": 2.0}\n{"step": 2,\n{"step": 3, "loss": 1.0}\n')
+        next(b for b in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text == "Curves").click()
+        box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#plot-sources textarea"))
+        box.clear()
+        box.send_keys(str(broken))
+        driver.find_element(By.CSS_SELECTOR, "#plot").click()
+        wait.until(lambda d: "broken metrics line" in d.find_element(By.CSS_SELECTOR, "#status").text)
+        assert f"{broken}:2" in driver.find_element(By.CSS_SELECTOR, "#status").text
+        next(b for b in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text == "Generate").click()
         before = driver.find_element(By.CSS_SELECTOR, "#out-0 textarea").get_attribute("value")
         prompt.clear()
         prompt.send_keys("import os")

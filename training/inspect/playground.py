@@ -6,7 +6,7 @@
 
 Then open http://127.0.0.1:7860. Tab "Generate": pick up to --columns models, a prompt and the
 sampling settings (temperature 0 = greedy; the seed makes sampling repeatable); each column
-streams its model's text. Tab "Across the run": a fixed prompt set through every picked model,
+streams its model's text. Tab "Curves": `genesis plot` for run folders or files. Tab "Across the run": a fixed prompt set through every picked model,
 one column per model, to see how the model changed over training. More models can be added
 while it runs (a path box); a bad path is reported in the status line and the app keeps serving.
 Models are exports (`from_pretrained` folders) or committed training checkpoints, read directly.
@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -93,6 +94,8 @@ class Playground:
         self.columns, self.cache = columns, ModelCache(cache_size, device=device)
         self.models: dict[str, Path] = {}
         self.notes: list[str] = []
+        self.runs = [str(p) for p in paths if (Path(p) / "metrics.jsonl").is_file()]  # for the Curves tab
+        self._plot_dir = Path(tempfile.mkdtemp(prefix="genesis-playground-"))
         for p in paths:
             try:
                 self._add(p)
@@ -139,6 +142,24 @@ class Playground:
                 status += f"**Error** ({label}): {e} "
                 yield texts, labels, status
         yield texts, labels, status or "Done."
+
+    def plot(self, sources: str, smooth_window: int = 1) -> tuple[str | None, str]:
+        """(PNG path or None, status) for the sources (one per line: run folders, metrics.jsonl,
+        run-*.wandb). Never raises: a broken source is named in the status line."""
+        from .plots import plot_runs
+        from .runs import load_run
+
+        paths = [s.strip() for s in (sources or "").splitlines() if s.strip()]
+        if not paths:
+            return None, "Enter one run folder, metrics.jsonl or run-*.wandb file per line."
+        try:
+            runs = [load_run(p) for p in paths]
+            out = plot_runs(runs, self._plot_dir / f"curves-{len(list(self._plot_dir.iterdir()))}.png",
+                            smooth_window=int(smooth_window or 1))
+        except InspectError as e:
+            return None, f"**Error:** {e}"
+        notes = [n for r in runs for n in r.notes]
+        return str(out), ("Notes: " + "; ".join(notes)) if notes else "Plotted " + ", ".join(r.name for r in runs) + "."
 
     def across_run(self, selected: list[str], temperature: float, top_p: float, max_new_tokens: int, seed: int):
         """Rows: one per fixed prompt; columns: the prompt, then each picked model's continuation."""
@@ -203,6 +224,14 @@ def build_app(paths: list[str | Path], *, device: str = "cpu", columns: int = 4)
             gr.Markdown("The same prompts through every picked model: how the model changed across the run.")
             sweep = gr.Button("Run the prompt set", elem_id="sweep")
             table = gr.Dataframe(headers=["prompt"], wrap=True, interactive=False, elem_id="sweep-table")
+        with gr.Tab("Curves"):
+            sources = gr.Textbox(label="Run folders, metrics.jsonl or run-*.wandb files (one per line)", lines=3,
+                                 value="\n".join(pg.runs), elem_id="plot-sources")
+            with gr.Row():
+                smooth_n = gr.Number(value=1, precision=0, label="smoothing window (steps)")
+                plot_btn = gr.Button("Plot", elem_id="plot")
+            image = gr.Image(type="filepath", label="loss, LR, grad norm, tokens/s", interactive=False,
+                             elem_id="plot-image")
 
         def on_generate(selected, p, t, tp, n, s):
             for texts, labels, st in pg.generate(selected or [], p or "", t, tp, n, s):
@@ -221,6 +250,7 @@ def build_app(paths: list[str | Path], *, device: str = "cpu", columns: int = 4)
         go.click(on_generate, [models, prompt, temperature, top_p, max_new, seed], [*outs, status])
         sweep.click(on_sweep, [models, temperature, top_p, max_new, seed], [table, status])
         add_btn.click(on_add, [add_box, models], [models, status])
+        plot_btn.click(pg.plot, [sources, smooth_n], [image, status])
     app.queue(default_concurrency_limit=1)  # one generation at a time: one model set in memory
     return app
 
