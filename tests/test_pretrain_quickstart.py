@@ -31,6 +31,9 @@ def qs_run(tmp_path_factory, embedded_data):  # noqa: F811
 def test_quickstart_trains_exports_and_samples(qs_run, capsys):
     records = [json.loads(x) for x in (qs_run / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 3
+    val = records[-1]["val_loss"]  # per source with held-out text, at the last step
+    assert val and set(val) <= {"python-docs", "python-code"} and all(v > 0 for v in val.values())
+    assert set(records[-1]["tokens_by_source"]) == {"python-docs", "python-code"}
     model_dir = qs_run / "model" / "step-00000003"
     names = {p.name for p in model_dir.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= names

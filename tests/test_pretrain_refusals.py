@@ -107,7 +107,9 @@ def test_nan_on_one_rank_stops_without_a_poisoned_checkpoint(embedded_data, tmp_
 
 def test_skip_policy_skips_nan_and_spike_steps(embedded_data, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    res = ok(run_pretrain(out, embedded_data, "--max_steps", "7", "--save_steps", "7", "--logging_steps", "1",
+    # Saves by wall time only (a tiny save_minutes: every step), decided on rank 0 for both ranks.
+    res = ok(run_pretrain(out, embedded_data, "--max_steps", "7", "--save_steps", "0", "--save_minutes", "0.0001",
+                          "--logging_steps", "1",
                           "--nonfinite_policy", "skip", "--spike_window", "4",
                           env={"GENESIS_TEST_FAULTS": "nan@3:1,spike@6"}))
     assert "policy skip" in res.stderr
@@ -115,6 +117,7 @@ def test_skip_policy_skips_nan_and_spike_steps(embedded_data, tmp_path):  # noqa
     assert m[3]["skipped"] and "non-finite" in m[3]["problem"]
     assert m[6]["skipped"] and "spike" in m[6]["problem"]
     assert not any(m[s].get("skipped") for s in (1, 2, 4, 5, 7))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000006", "step-00000007"]
     tensors = checkpoint_tensors(out / "checkpoints" / "step-00000007")
     steps = {v.item() for k, v in tensors.items() if k.endswith(".step")}
     assert steps == {5.0}, f"AdamW took {steps} steps; 7 minus the 2 skipped expected"

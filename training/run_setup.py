@@ -72,7 +72,7 @@ def load_data(args: PretrainArguments, accelerator):
     val = {}
     if args.eval_steps:
         val = validation_batches(data_dir, seq_len=args.seq_len, micro_batch_size=args.per_device_train_batch_size,
-                                 max_batches=args.eval_batches)
+                                 max_batches=args.eval_batches, expected_fingerprint=fingerprint)
     return tokenizer, fingerprint, loader, val
 
 
