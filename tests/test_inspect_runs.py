@@ -126,3 +126,28 @@ def test_not_a_run_folder(tmp_path):
 def test_smooth():
     assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert smooth([1.0, 2.0], 1) == [1.0, 2.0]
+
+
+def test_wandb_records_spanning_blocks(tmp_path):
+    """A real wandb file with records over the 32 KiB block size (FIRST/MIDDLE/LAST chunks), cut anywhere."""
+    import wandb
+
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="genesis-test", id="bigrun01",
+                     config={"blob": "x" * 70000, "max_steps": 300},
+                     settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+    for s in range(1, 301):
+        run.log({"step": s, "loss": 1.0 / s, **{f"k{i}": s * i for i in range(40)}}, step=s)
+    run.finish()
+    (path,) = find_run_files(tmp_path)
+    got = read_run(path)
+    assert got.truncated_at is None and len(got.config["blob"]) == 70000
+    assert [r["step"] for r in got.history] == list(range(1, 301))
+    assert got.history[-1]["loss"] == 1.0 / 300 and got.history[-1]["k39"] == 300 * 39
+    data = path.read_bytes()
+    assert len(data) > 4 * 32768
+    cut = tmp_path / "run-cut.wandb"
+    full = len(scan(path)[0])
+    for end in range(8, len(data), 7919):  # a killed writer can stop anywhere
+        cut.write_bytes(data[:end])
+        records, at = scan(cut)
+        assert len(records) <= full and (at is None or at < end)
