@@ -55,6 +55,20 @@ def _mark(ax, run: Run, color) -> None:
                 color=color, alpha=0.8, transform=ax.get_xaxis_transform(), clip_on=False)
 
 
+def _clip_loss(ax, runs: list[Run]) -> bool:
+    """Keep the first steps' loss (about ln V) from squashing the rest of a long curve flat."""
+    tails = []
+    for run in runs:
+        ys = run.series("loss")[1]
+        if len(ys) >= 100:
+            tails += ys[len(ys) // 50:]
+    lo, hi = ax.get_ylim()
+    if not tails or max(tails) >= hi * 0.9:
+        return False
+    ax.set_ylim(lo, max(tails) + 0.05 * (max(tails) - min(tails)))
+    return True
+
+
 def plot_runs(runs: list[Run], output: str | Path, *, panels: list[str] | None = None, smooth_window: int = 1,
               title: str | None = None) -> Path:
     """Write one PNG with a panel per metric; returns its path. A panel no run has data for is
@@ -100,6 +114,8 @@ def plot_runs(runs: list[Run], output: str | Path, *, panels: list[str] | None =
             vals = [v for r in runs for v in r.series(key)[1]]
             if logy and min(vals) > 0 and max(vals) / min(vals) > 20:  # spikes stay readable
                 ax.set_yscale("log")
+        if panel == "loss" and drawn and _clip_loss(ax, runs):
+            label += " (y axis from 2% of the steps on)"
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)

@@ -178,7 +178,7 @@ def load_run(source: str | Path, *, allow_partial: bool = False, name: str | Non
         raise InspectError(f"{src}: no such file or folder")
     if src.is_file():
         if src.suffix == ".wandb":
-            run = Run(name=name or src.parent.name, source=src)
+            run = Run(name=name or src.stem.removeprefix("run-"), source=src)  # run-<id>.wandb
             _from_wandb(run, [src], curves=True, allow_partial=allow_partial)
         elif src.suffix == ".jsonl":
             run = Run(name=name or src.parent.name, source=src)
@@ -196,6 +196,7 @@ def load_run(source: str | Path, *, allow_partial: bool = False, name: str | Non
                 _from_wandb(run, wandb_files, curves=False, allow_partial=True)
         elif wandb_files:
             _from_wandb(run, wandb_files, curves=True, allow_partial=allow_partial)
+            run.name = name or run.config.get("run_name") or read_run(wandb_files[0]).run_id or run.name
         else:
             raise InspectError(f"{src}: not a run folder (no metrics.jsonl and no run-*.wandb under it)")
         _from_checkpoints(run, src / "checkpoints")
