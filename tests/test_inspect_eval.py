@@ -148,3 +148,20 @@ def test_report(inspect_run, tmp_path):  # noqa: F811
     assert f"| tiny-run@6 | 6 | {v:.4f} |" in md  # ... and ours on the same windows agree
     assert (out.parent / "readme_curves.png").stat().st_size > 10_000
     assert report_main([str(tmp_path / "nothing")]) == 2
+
+
+def test_report_throughput_mfu_and_a_stopped_run(tmp_path):
+    run = tmp_path / "gpu-run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 5.0 - 0.1 * s, "lr": 3e-4, "grad_norm": 0.5, "tokens": s * 1024,
+             "tok_s": 18000.0 + 100 * s, "tok_s_per_device": 9000.0 + 50 * s, "mfu": 0.40 + 0.002 * s,
+             "peak_mem_gb": 20.5} for s in range(1, 11)]
+    rows.append({"step": 11, "loss": float("nan"), "event": "stopped", "problem": "non-finite loss or gradients"})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert report_main([str(run), "--no-eval"]) == 0
+    md = (run / "report" / "README.md").read_text()
+    # medians over the second half of the steps that logged them (6..10): step 8's values
+    assert "| 18,800 | 9,400 | 41.6% | 20.5 |" in md
+    assert "tokens seen: 10,240" in md  # from the last record that has tokens
+    assert "- stopped: step 11: non-finite loss or gradients" in md
+    assert "No committed checkpoint" in md and "--no-eval" in md

@@ -109,7 +109,7 @@ class EvalHook:
 
 def evaluate_path(path: str | Path, *, data_dir: str | Path | None = None, seq_len: int | None = None,
                   batch_size: int = 4, max_batches: int = 8, device: str = "cpu",
-                  tokenizer_dir: str | Path | None = None) -> dict:
+                  tokenizer_dir: str | Path | None = None, dtype: torch.dtype = torch.float32) -> dict:
     """Evaluate one export or checkpoint: {"model", "step", "seq_len", "data_dir", "sources": {...}}.
     A checkpoint defaults to its run's data and window; an export needs data_dir."""
     from genesis_hf.tokenizer import tokenizer_fingerprint
@@ -117,7 +117,7 @@ def evaluate_path(path: str | Path, *, data_dir: str | Path | None = None, seq_l
 
     from .models import load_model
 
-    model, tokenizer, info = load_model(path, device=device, tokenizer_dir=tokenizer_dir)
+    model, tokenizer, info = load_model(path, device=device, tokenizer_dir=tokenizer_dir, dtype=dtype)
     data_dir = data_dir or info.data_dir
     if not data_dir:
         raise InspectError(f"{path}: an export does not say which data it was trained on; pass --data DIR")
@@ -160,6 +160,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-batches", type=int, default=8, help="per source")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights during evaluation (logits and the loss are fp32 either way)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--write-lm-eval-tasks", default=None, metavar="DIR",
                    help="write offline lm-evaluation-harness tasks for the held-out text of --data, "
@@ -183,7 +185,8 @@ def cli_main(argv: list[str] | None = None) -> int:
                 print(" ".join(lm_eval_command(p, args.write_lm_eval_tasks, tasks, device=args.device)))
             return 0
         results = [evaluate_path(p, data_dir=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                                 max_batches=args.max_batches, device=args.device, tokenizer_dir=args.tokenizer)
+                                 max_batches=args.max_batches, device=args.device, tokenizer_dir=args.tokenizer,
+                                 dtype=getattr(torch, args.dtype))
                    for p in expand_paths(args.paths)]
     except InspectError as e:
         print(f"genesis eval: {e}", file=sys.stderr)

@@ -90,8 +90,9 @@ def generate_stream(model, tokenizer, prompt: str, *, temperature: float = 0.8, 
 class Playground:
     """The app's state: known models (label -> path) and a cache of loaded ones."""
 
-    def __init__(self, paths: list[str | Path], *, device: str = "cpu", columns: int = 4, cache_size: int = 4):
-        self.columns, self.cache = columns, ModelCache(cache_size, device=device)
+    def __init__(self, paths: list[str | Path], *, device: str = "cpu", columns: int = 4, cache_size: int = 4,
+                 dtype: torch.dtype = torch.float32):
+        self.columns, self.cache = columns, ModelCache(cache_size, device=device, dtype=dtype)
         self.models: dict[str, Path] = {}
         self.notes: list[str] = []
         self.runs = [str(p) for p in paths if (Path(p) / "metrics.jsonl").is_file()]  # for the Curves tab
@@ -194,13 +195,13 @@ def _unique(existing: dict, label: str) -> str:
     return out
 
 
-def build_app(paths: list[str | Path], *, device: str = "cpu", columns: int = 4):
+def build_app(paths: list[str | Path], *, device: str = "cpu", columns: int = 4, dtype: str = "float32"):
     """The Gradio Blocks app (not launched). Element ids (#prompt, #generate, #out-0, #status, ...)
     are what the browser test drives."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    pg = Playground(paths, device=device, columns=columns)
+    pg = Playground(paths, device=device, columns=columns, dtype=getattr(torch, dtype))
     start = list(pg.models)[-columns:]  # the newest checkpoints
     with gr.Blocks(title="Genesis playground") as app:
         gr.Markdown("## Genesis playground\nGenerate from checkpoints side by side.")
@@ -263,13 +264,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--columns", type=int, default=4, help="models shown side by side")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights in memory (bfloat16 halves a GPU's share per model)")
     return p
 
 
 def cli_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    app = build_app(args.paths, device=args.device, columns=args.columns)
+    app = build_app(args.paths, device=args.device, columns=args.columns, dtype=args.dtype)
     print(f"Genesis playground on http://{args.host}:{args.port} (Ctrl-C to stop)")
     app.launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False, show_error=True,
                theme=_theme())

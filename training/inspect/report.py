@@ -36,6 +36,8 @@ CONFIG_KEYS = ["n_params", "flops_per_token", "seq_len", "tokens_per_step", "wor
 
 
 def _fmt(v) -> str:
+    if isinstance(v, float) and abs(v) >= 1000:
+        return f"{v:,.0f}"
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, int) and abs(v) >= 10000:
@@ -84,12 +86,13 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, *, evalu
                       title=f"{run.name}: throughput")
     steps = sorted(run.steps)
     last = run.steps[steps[-1]]
+    tokens = next((run.steps[s]["tokens"] for s in reversed(steps) if run.steps[s].get("tokens") is not None), None)
     meta = ckpts[-1]["meta"] if ckpts else {}
     config = {**run.config, **(meta.get("recipe") or {}), **{k: v for k, v in meta.items() if k != "recipe"}}
 
     md = [f"# Run report: {run.name}", "",
           f"Source `{run_dir}`, written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `genesis report`.", "",
-          f"- steps logged: {steps[0]}..{steps[-1]} ({len(steps)} records); tokens seen: {_fmt(last.get('tokens'))}",
+          f"- steps logged: {steps[0]}..{steps[-1]} ({len(steps)} records); tokens seen: {_fmt(tokens)}",
           f"- last training loss: {_fmt(last.get('loss'))} at step {steps[-1]}",
           f"- resumes at steps: {', '.join(map(str, run.resumes)) or 'none'}",
           f"- extensions: {', '.join(f'at {s}: max_steps {a} -> {b}' for s, a, b in run.extensions) or 'none'}"]

@@ -102,16 +102,18 @@ def _from_records(run: Run, records: list[dict]) -> None:
         run.steps[step] = rec
 
 
+_NESTED = {"val_loss": "val_loss", "val_bpb": "val_bpb", "tokens": "tokens_by_source"}
+
+
 def _wandb_row(row: dict) -> dict | None:
     step = row.get("step", row.get("_step"))
     if step is None:
         return None
     rec: dict = {"step": int(step)}
     for k, v in row.items():
-        if k.startswith("val_loss/"):
-            rec.setdefault("val_loss", {})[k.split("/", 1)[1]] = v
-        elif k.startswith("tokens/"):
-            rec.setdefault("tokens_by_source", {})[k.split("/", 1)[1]] = v
+        group, _, sub = k.partition("/")
+        if sub and group in _NESTED:  # MetricsLogger flattens these dicts to "<group>/<source>"
+            rec.setdefault(_NESTED[group], {})[sub] = v
         elif not k.startswith("_") and k != "step":
             rec[k] = v
     return rec
