@@ -226,8 +226,9 @@ def train(args: PretrainArguments) -> int:
     # GIL) while the main thread, holding the GIL, destroys DDP's reducer -> process group ->
     # joins that worker: a deadlock seen here at exit. Sleeping hands the GIL to the workers, and
     # the wrapped objects are kept alive so that process exit, not a destructor, tears them down.
-    time.sleep(0.2)
-    _KEEP_ALIVE.extend([model, optimizer, scheduler])
+    if world > 1:
+        time.sleep(0.2)
+        _KEEP_ALIVE.extend([model, optimizer, scheduler])
     return exit_code
 
 
