@@ -274,8 +274,12 @@ def cli_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = build_app(args.paths, device=args.device, columns=args.columns, dtype=args.dtype)
     print(f"Genesis playground on http://{args.host}:{args.port} (Ctrl-C to stop)")
-    app.launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False, show_error=True,
-               theme=_theme())
+    try:
+        app.launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False, show_error=True,
+                   theme=_theme())
+    except OSError as e:  # e.g. the port is taken
+        print(f"genesis playground: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
