@@ -150,7 +150,11 @@ def test_sft_then_dpo_under_accelerate_launch_with_two_cpu_processes(base, tmp_p
         cmd = [*launch, str(root / "alignment" / f"{stage}.py"), "--config", str(RECIPES / f"{stage}-tiny.yaml"),
                "--model_name_or_path", str(parent), "--dataset_name", str(DATA_DIR / data),
                "--output_dir", str(tmp_path / stage), *common]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=root)
+        except subprocess.TimeoutExpired as e:
+            err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            pytest.fail(f"{stage} under accelerate launch timed out; stderr tail:\n{err[-4000:]}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stderr.count(f"{stage.upper()} done") == 1  # one rank writes the card and logs
         assert "Stage: **" + stage + "**" in (tmp_path / stage / "README.md").read_text()
