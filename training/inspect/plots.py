@@ -7,7 +7,8 @@ gradient norm and tokens/s, with resumes, extensions and checkpoints marked.
 
 SOURCES are output folders, metrics.jsonl files or wandb run files (see training/inspect/runs.py).
 Markers: dashed vertical line = a resume (a launch continued from that step's checkpoint),
-dotted = an extension (max_steps grew), small triangles on the step axis = committed checkpoints.
+broad faint band = an extension (max_steps grew; the new value is written at the top of the first
+panel), small triangles on the step axis = committed checkpoints.
 """
 
 from __future__ import annotations
@@ -45,11 +46,16 @@ def smooth(ys: list[float], window: int) -> list[float]:
     return out
 
 
-def _mark(ax, run: Run, color) -> None:
+def _mark(ax, run: Run, color, annotate: bool) -> None:
+    # An extension is a broad faint band, a resume a thin dashed line: both stay visible when an
+    # extension is (as usual) also a resume at the same step.
     for s in run.resumes:
-        ax.axvline(s, color=color, linestyle="--", linewidth=0.9, alpha=0.7)
-    for s, _, _ in run.extensions:
-        ax.axvline(s, color=color, linestyle=":", linewidth=1.6, alpha=0.9)
+        ax.axvline(s, color=color, linestyle="--", linewidth=0.9, alpha=0.8)
+    for s, _, new in run.extensions:
+        ax.axvline(s, color=color, linestyle="-", linewidth=6, alpha=0.18)
+        if annotate:
+            ax.annotate(f"max_steps -> {new}", (s, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -10),
+                        textcoords="offset points", fontsize=7, color=color)
     if run.checkpoints:
         ax.plot(run.checkpoints, [0.0] * len(run.checkpoints), linestyle="none", marker="^", markersize=5,
                 color=color, alpha=0.8, transform=ax.get_xaxis_transform(), clip_on=False)
@@ -103,7 +109,7 @@ def plot_runs(runs: list[Run], output: str | Path, *, panels: list[str] | None =
                     ax.plot(vx, vy, color=color, linestyle=(0, (4, 1 + j)), marker="o", markersize=3,
                             linewidth=1.0, alpha=0.85, label=f"{run.name} val {src}")
                     drawn = True
-            _mark(ax, run, color)
+            _mark(ax, run, color, annotate=panel == panels[0])
         steps = [s for r in runs for s in r.steps]
         ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)  # every panel on the same step axis
         if not drawn:
@@ -124,7 +130,7 @@ def plot_runs(runs: list[Run], output: str | Path, *, panels: list[str] | None =
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     keys = [Line2D([], [], color="0.3", linestyle="--", label="resume"),
-            Line2D([], [], color="0.3", linestyle=":", linewidth=1.6, label="extension (max_steps grew)"),
+            Line2D([], [], color="0.3", linestyle="-", linewidth=6, alpha=0.18, label="extension (max_steps grew)"),
             Line2D([], [], color="0.3", linestyle="none", marker="^", label="checkpoint on disk")]
     fig.legend(handles=keys, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(title or "  vs  ".join(r.name for r in runs), fontsize=11)

@@ -107,7 +107,7 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, *, evalu
            f"{f'{mfu:.1%}' if mfu is not None else 'n/a (' + str(config.get('peak_flops_note', 'no GPU peak')) + ')'}"
            f" | {_fmt(mem) if mem is not None else 'n/a'} |", "", f"![throughput]({speed.name})", ""]
     md += ["## Loss curve", "", f"![curves]({curves.name})", "",
-           "Dashed lines: resumes; dotted: extensions; triangles: checkpoints on disk.", ""]
+           "Dashed lines: resumes; broad faint bands: extensions; triangles: checkpoints on disk.", ""]
     md += ["## Checkpoints", ""]
     if ckpts:
         md += ["| step | tokens | last loss | saved (UTC) | size (MiB) | its launch resumed from |", "|---|---|---|---|---|---|"]
