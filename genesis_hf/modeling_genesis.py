@@ -439,18 +439,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def causal_lm_loss(
     hidden_states: torch.Tensor,
     lm_head_weight: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None = None,
     chunk_size: int = 1024,
     num_items_in_batch: int | torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next-token cross-entropy of `hidden_states @ lm_head_weight.T` against `labels`.
+    """Next-token cross-entropy of `hidden_states @ lm_head_weight.T`, without building the logits.
 
-    Equals `F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-    ignore_index=-100)` (mean over non-ignored tokens; sum / num_items_in_batch when given,
-    as transformers' Trainer does under gradient accumulation) without building `logits`.
+    With `labels` (B, T), position t predicts labels[:, t + 1] (the Llama convention: T - 1
+    targets a row). With `shift_labels` (B, T), already aligned, position t predicts
+    shift_labels[:, t]: a pretraining window of T + 1 tokens then trains all T targets.
+    Equals `F.cross_entropy` on the fp32 logits (mean over non-ignored targets, or sum /
+    num_items_in_batch when given, as transformers' Trainer does under gradient accumulation).
     """
-    hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])  # (B*(T-1), d)
-    targets = labels[:, 1:].reshape(-1).to(hidden.device)  # (B*(T-1),)
+    if shift_labels is not None:
+        hidden, targets = hidden_states, shift_labels
+    elif labels is not None:
+        hidden, targets = hidden_states[:, :-1], labels[:, 1:]
+    else:
+        raise ValueError("causal_lm_loss needs labels or shift_labels.")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets of shape {tuple(targets.shape)} do not match hidden states {tuple(hidden.shape)}."
+        )
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+    targets = targets.reshape(-1).to(hidden.device)  # (N,)
     if num_items_in_batch is None:
         normaliser = float(max(int((targets != -100).sum()), 1))
     else:
@@ -461,8 +474,9 @@ def causal_lm_loss(
 class GenesisForCausalLM(GenesisPreTrainedModel, GenerationMixin):
     """Genesis with its tied LM head.
 
-    With `labels`, the loss is computed by `causal_lm_loss` (chunked, never the full fp32
-    logits) and `logits` are NOT returned unless `return_logits=True`: the logits of a
+    With `labels` (shifted inside, as in Llama) or `shift_labels` (already aligned with the
+    inputs), the loss is computed by `causal_lm_loss` (chunked, never the full fp32 logits)
+    and `logits` are NOT returned unless `return_logits=True`: the logits of a
     4 x 2048 x 49,152 batch are most of the memory a training step would otherwise peak at.
     Without labels (inference, generation, TRL's fused head) logits are returned as usual.
     """
@@ -487,6 +501,7 @@ class GenesisForCausalLM(GenesisPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        shift_labels: torch.LongTensor | None = None,
         return_logits: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
@@ -502,11 +517,17 @@ class GenesisForCausalLM(GenesisPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state  # (B, T, d)
         loss = logits = None
-        if labels is not None:
+        has_labels = labels is not None or shift_labels is not None
+        if has_labels:
             loss = causal_lm_loss(
-                hidden_states, self.lm_head.weight, labels, self.config.loss_chunk_size, num_items_in_batch
+                hidden_states,
+                self.lm_head.weight,
+                labels,
+                self.config.loss_chunk_size,
+                num_items_in_batch,
+                shift_labels=shift_labels,
             )
-        if labels is None or return_logits:
+        if not has_labels or return_logits:
             logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))  # (B, T', V)
         return CausalLMOutputWithPast(
             loss=loss,

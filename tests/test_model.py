@@ -91,6 +91,19 @@ def test_loss_equals_plain_cross_entropy_values_and_gradients():
         torch.testing.assert_close(fused[name], param.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_shift_labels_train_every_position_of_a_window():
+    model = tiny_model()
+    window = torch.randint(0, 256, (2, 17))  # a pretraining row: T + 1 tokens
+    x, y = window[:, :-1], window[:, 1:]
+    with torch.no_grad():
+        loss = model(x, shift_labels=y).loss
+        logits = model(x).logits.float()
+    ref = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # all 16 targets, none dropped
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="do not match"):
+        model(x, shift_labels=y[:, :-1])
+
+
 def test_loss_with_num_items_in_batch_is_a_sum_over_that_count():
     model = tiny_model()
     ids = torch.randint(0, 256, (2, 12))

@@ -73,15 +73,16 @@ EXIT_NONFINITE = 3  # the run stopped on a non-finite loss/gradient or a spike (
 def forward_backward(model, accelerator, batch: torch.Tensor, *, sync: bool, scale: float, faults, step):
     """One micro-batch. batch: (B, T+1) int64 from the loader; returns the detached mean loss.
 
-    The model shifts labels inside (Llama convention), so input and labels are the same (B, T)
-    window: positions 0..T-2 predict 1..T-1. Every micro-batch has B*(T-1) targets, so the
-    mean of the micro-batch means is the token mean over the whole step.
+    Inputs are tokens 0..T-1 of the window and `shift_labels` tokens 1..T, so all T positions
+    train. Every micro-batch has B*T targets, so the mean of the micro-batch means is the token
+    mean over the whole step.
     """
-    x = batch[:, :-1].to(accelerator.device, non_blocking=True)  # (B, T)
+    batch = batch.to(accelerator.device, non_blocking=True)
+    x, y = batch[:, :-1], batch[:, 1:]  # (B, T) each
     # no_sync on all but the last micro-batch: gradients are reduced once per optimizer step.
     ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
     with ctx:
-        loss = model(input_ids=x, labels=x).loss  # () fp32, mean over B*(T-1)
+        loss = model(input_ids=x, shift_labels=y).loss  # () fp32, mean over B*T
         loss = faults.scale_loss(loss, step)
         accelerator.backward(loss * scale)
     return loss.detach().float()
@@ -247,8 +248,10 @@ def evaluate(model, val: dict[str, list[torch.Tensor]], accelerator) -> dict[str
     model.eval()
     out = {}
     for source, batches in val.items():
-        losses = [model(input_ids=(x := b[:, :-1].to(accelerator.device)), labels=x).loss.float().item()
-                  for b in batches]
+        losses = []
+        for b in batches:
+            b = b.to(accelerator.device)
+            losses.append(model(input_ids=b[:, :-1], shift_labels=b[:, 1:]).loss.float().item())
         if losses:
             out[source] = sum(losses) / len(losses)
     model.train()
