@@ -9,6 +9,7 @@ tools read, made by the real script (tests/_pretrain_run.py) on the tiny mixture
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,25 @@ def _make_run(embedded_data, tmp_path_factory) -> Path:  # noqa: F811
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     ok(run_pretrain(out, embedded_data, "--max_steps", "4", *RUN_ARGS, nproc=1, env=env))
     ok(run_pretrain(out, embedded_data, "--max_steps", "6", "--resume", "auto", *RUN_ARGS, nproc=1, env=env))
+    _wait_for_wandb(out, steps=6)
     return out
+
+
+def _wait_for_wandb(out: Path, steps: int, timeout: float = 30) -> None:
+    """wandb-core (its own process) writes a file's last partial 32 KiB block when it closes the
+    run, which can come after the training process has exited: wait until every launch's file is
+    whole and together they hold every step."""
+    from training.inspect.wandb_file import find_run_files, read_run
+
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [read_run(f) for f in find_run_files(out)]
+        n = sum(len(r.history) for r in runs)
+        if all(r.truncated_at is None for r in runs) and n >= steps:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"wandb files under {out} still incomplete after {timeout}s ({n} rows)")
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

@@ -58,8 +58,8 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
 def evaluate_model(model, batches: dict[str, list[torch.Tensor]], byte_lengths: torch.Tensor | None = None,
                    ) -> dict[str, dict[str, float]]:
     """{source: {"loss", "bpb", "tokens", "bytes"}}. batches: {source: [(B, T+1) int64]} as from
-    `training.data.loader.validation_batches`; like the training loop, each window's first T tokens
-    are the input and the model predicts tokens 1..T-1 of it. bpb is NaN without byte_lengths."""
+    `training.data.loader.validation_batches`; like the training loop, tokens 0..T-1 of each window
+    are the input and tokens 1..T the targets (all T positions count). bpb is NaN without byte_lengths."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -67,14 +67,14 @@ def evaluate_model(model, batches: dict[str, list[torch.Tensor]], byte_lengths: 
     for source, rows in batches.items():
         nll_sum, n_tok, nll_text, n_bytes = 0.0, 0, 0.0, 0
         for batch in rows:
-            x = batch[:, :-1].to(device)  # (B, T)
+            batch = batch.to(device)
+            x, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each, as the loop's shift_labels
             logits = model(input_ids=x).logits.float()  # (B, T, V)
-            targets = x[:, 1:]  # (B, T-1): the same shift as labels=x inside the model
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T)
             nll_sum += nll.sum().item()
             n_tok += targets.numel()
             if byte_lengths is not None:
-                nb = byte_lengths.to(device)[targets]  # (B, T-1)
+                nb = byte_lengths.to(device)[targets]  # (B, T)
                 text = nb > 0
                 nll_text += nll[text].sum().item()
                 n_bytes += int(nb.sum().item())
