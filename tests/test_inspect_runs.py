@@ -152,7 +152,14 @@ def test_wandb_records_spanning_blocks(tmp_path):
     assert len(data) > 4 * 32768
     cut = tmp_path / "run-cut.wandb"
     full = len(scan(path)[0])
-    for end in range(8, len(data), 7919):  # a killed writer can stop anywhere
+    # A live run's file: whole blocks only, the last record cut where the block ends -> read, noted.
+    live = tmp_path / "live" / "run-live.wandb"
+    live.parent.mkdir()
+    live.write_bytes(data[: 3 * 32768])
+    assert read_run(live).pending_block
+    run_live = load_run(live)
+    assert 0 < len(run_live.steps) < 300 and "a run still writing, or killed" in run_live.notes[0]
+    for end in range(8, len(data), 7919):  # a copy can stop anywhere
         cut.write_bytes(data[:end])
         records, at = scan(cut)
         assert len(records) <= full and (at is None or at < end)

@@ -123,8 +123,12 @@ def _from_wandb(run: Run, files: list[Path], *, curves: bool, allow_partial: boo
     launches = []
     for f in files:
         wr = read_run(f)
-        if wr.truncated_at is not None:
-            msg = f"{f}: truncated at byte {wr.truncated_at} (a run still writing, or killed); read {wr.n_records} records"
+        if wr.pending_block:
+            run.notes.append(f"{f}: ends at a block boundary mid-record (a run still writing, or killed): "
+                             f"read its {wr.n_records} whole records")
+        elif wr.truncated_at is not None:
+            msg = f"{f}: truncated at byte {wr.truncated_at}, not at a block boundary (damaged or cut short); " \
+                  f"read {wr.n_records} records"
             if not allow_partial and f == files[-1] and curves:
                 raise InspectError(msg + " (pass --allow-partial to plot what is there)")
             run.notes.append(msg)

@@ -10,9 +10,11 @@ this module reads the container itself; the records inside are wandb's own proto
     type   := 1 FULL | 2 FIRST | 3 MIDDLE | 4 LAST   (a record split over blocks)
     crc32  := zlib.crc32(data, zlib.crc32(bytes([type])))
 
-A file that ends inside a chunk is what a live (or killed) run leaves: `scan` reports it as
-truncated with the byte offset; a bad header, a checksum mismatch or an undecodable record is
-corruption. Either way the error names the file.
+A file that ends inside a record is reported as truncated with the byte offset. wandb-core writes
+whole blocks as they fill and the last partial one when the run closes, so a live (or killed) run's
+file ends at a block boundary, often mid-record (`WandbRun.pending_block`); a cut anywhere else is
+damage. A bad header, a checksum mismatch or an undecodable record is corruption. Every error
+names the file.
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ class WandbRun:
     history: list[dict] = field(default_factory=list)  # one dict per wandb.log, keys as logged
     truncated_at: int | None = None  # byte offset of an incomplete final chunk, if any
     n_records: int = 0
+    size: int = 0
+
+    @property
+    def pending_block(self) -> bool:
+        """Truncated exactly at a block boundary: wandb-core writes whole 32 KiB blocks as they
+        fill and the last partial one when the run closes, so this is how a live run's file (or a
+        killed one's) looks. A cut anywhere else is damage (an interrupted copy, a full disk)."""
+        return self.truncated_at is not None and self.size % _BLOCK == 0
 
 
 def scan(path: str | Path) -> tuple[list[bytes], int | None]:
@@ -114,7 +124,7 @@ def read_run(path: str | Path) -> WandbRun:
 
     path = Path(path)
     raws, truncated = scan(path)
-    run = WandbRun(path=path, truncated_at=truncated, n_records=len(raws))
+    run = WandbRun(path=path, truncated_at=truncated, n_records=len(raws), size=path.stat().st_size)
     for i, raw in enumerate(raws):
         rec = pb.Record()
         try:
