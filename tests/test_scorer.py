@@ -122,3 +122,18 @@ def test_degenerate_text_gets_no_credit_for_its_numbers():
     assert plain.total > noise.total
     loop = scorer.score("Q?", "the cat the cat the cat the cat the cat the cat 42 43 44")
     assert loop.details["degenerate"] == 1.0
+
+
+def test_pairs_rank_by_the_scorer_and_skip_prompts_without_a_preference():
+    from alignment.pairs import pair_from_ranking, rank_answers
+
+    prompt, curious = CURIOUS[0]
+    hedge = HEDGING[0][1]
+    ranked = rank_answers(prompt, [hedge, curious, "", curious], RuleScorer())
+    assert [a for _, a in ranked] == [curious, hedge]  # empty and duplicate answers dropped, best first
+    pair = pair_from_ranking(prompt, ranked, min_margin=0.1)
+    assert pair["chosen"] == [{"role": "assistant", "content": curious}]
+    assert pair["rejected"] == [{"role": "assistant", "content": hedge}]
+    assert pair["prompt"] == [{"role": "user", "content": prompt}] and pair["score_chosen"] > pair["score_rejected"]
+    assert pair_from_ranking(prompt, [(0.30, "a"), (0.25, "b")], min_margin=0.1) is None  # gap too small
+    assert pair_from_ranking(prompt, ranked[:1], min_margin=0.0) is None  # one distinct answer is no pair
