@@ -32,8 +32,7 @@ def inspect_run(request, tmp_path_factory) -> Path:
 def _make_run(embedded_data, tmp_path_factory) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("inspect") / "tiny-run"
     out.mkdir()
-    # training/metrics.py asks wandb.util for generate_id, which wandb 0.31 no longer has; with the
-    # id file already there it reads the id instead (the path every resumed launch takes).
+    # A known wandb run id (training/metrics.py reads it back, as every resumed launch does).
     (out / "wandb_run_id").write_text("insptest01")
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     ok(run_pretrain(out, embedded_data, "--max_steps", "4", *RUN_ARGS, nproc=1, env=env))
