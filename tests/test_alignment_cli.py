@@ -180,3 +180,25 @@ def test_scripts_refuse_a_tokenizer_without_chat_template(base, tmp_path):
                              "--dataset_name", str(DATA_DIR / "sft_conversations.jsonl"),
                              "--output_dir", str(tmp_path / "out")]))
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_revise_runs_with_any_hf_causal_lm(tmp_path, capsys):
+    """Critique-and-revise is not Genesis-specific: a plain Llama folder works the same way."""
+    from _alignment_fixtures import make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+                     ).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Why do cats purr?"}])
+    assert cli_main(["revise", "--model", str(tmp_path / "llama"), "--prompts", str(prompts),
+                     "--output", str(tmp_path / "rev.jsonl"), "--principles", "no-refusal-theatre",
+                     "--max-new-tokens", "4"]) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["prompts"] == 1 and stats["kept_revision"] + stats["kept_initial"] + stats["empty"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "rev.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 - stats["empty"]
+    for row in rows:
+        assert row["critiques"][0]["principle"] == "no-refusal-theatre"
