@@ -32,6 +32,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "alignment.cli",
         "constitution revisions, DPO pairs, evaluation and pretrain-then-align cycles",
     ),
+    "playground": (
+        "training.inspection.playground",
+        "a local web app: generate from checkpoints side by side",
+    ),
+    "plot": (
+        "training.inspection.plots",
+        "loss, LR, grad norm and tokens/s curves from metrics.jsonl and wandb files",
+    ),
+    "eval": (
+        "training.inspection.evaluate",
+        "validation loss and bits per byte per source for exports or checkpoints",
+    ),
+    "report": ("training.inspection.report", "a markdown page with plots and tables for a run"),
 }
 
 

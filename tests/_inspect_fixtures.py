@@ -45,7 +45,7 @@ def _wait_for_wandb(out: Path, steps: int, timeout: float = 30) -> None:
     """wandb-core (its own process) writes a file's last partial 32 KiB block when it closes the
     run, which can come after the training process has exited: wait until every launch's file is
     whole and together they hold every step."""
-    from training.inspect.wandb_file import find_run_files, read_run
+    from training.inspection.wandb_file import find_run_files, read_run
 
     deadline = time.monotonic() + timeout
     while True:

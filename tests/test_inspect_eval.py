@@ -11,10 +11,10 @@ import yaml
 from _inspect_fixtures import checkpoint, embedded_data, inspect_export, inspect_run  # noqa: F401  (fixtures)
 from _pretrain_run import read_metrics
 
-from training.inspect import InspectError
-from training.inspect.evaluate import EvalHook, evaluate_model, evaluate_path, token_byte_lengths
-from training.inspect.evaluate import cli_main as eval_main
-from training.inspect.report import cli_main as report_main
+from training.inspection import InspectError
+from training.inspection.evaluate import EvalHook, evaluate_model, evaluate_path, token_byte_lengths
+from training.inspection.evaluate import cli_main as eval_main
+from training.inspection.report import cli_main as report_main
 
 
 def _tokenizer(run):
@@ -71,7 +71,7 @@ def test_eval_hook(inspect_run):  # noqa: F811
     hook = EvalHook(meta["data_dir"], _tokenizer(inspect_run), seq_len=64, micro_batch_size=2, max_batches=2,
                     every=3)
     assert [s for s in range(1, 10) if hook.due(s)] == [3, 6, 9]
-    from training.inspect.models import load_model
+    from training.inspection.models import load_model
 
     model, _, _ = load_model(checkpoint(inspect_run, 6))
     model.train()
@@ -116,7 +116,7 @@ def test_eval_refusals(inspect_run, inspect_export, tmp_path, capsys):  # noqa: 
 
 
 def test_lm_eval_task_files(inspect_run, inspect_export, tmp_path, capsys):  # noqa: F811
-    from training.inspect.lm_eval_tasks import write_multiple_choice_task
+    from training.inspection.lm_eval_tasks import write_multiple_choice_task
 
     data = json.loads((checkpoint(inspect_run, 6) / "meta.json").read_text())["data_dir"]
     tasks = tmp_path / "tasks"

@@ -16,8 +16,8 @@ import pytest
 import torch
 from _inspect_fixtures import checkpoint, embedded_data, inspect_export, inspect_run  # noqa: F401  (fixtures)
 
-from training.inspect.models import expand_paths, load_model
-from training.inspect.playground import FIXED_PROMPTS, Playground, generate_stream
+from training.inspection.models import expand_paths, load_model
+from training.inspection.playground import FIXED_PROMPTS, Playground, generate_stream
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
@@ -76,7 +76,7 @@ def test_browser_generation(inspect_export, tmp_path):  # noqa: F811
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from training.inspect.playground import _theme, build_app
+    from training.inspection.playground import _theme, build_app
 
     app = build_app([inspect_export], columns=2)
     port = _free_port()

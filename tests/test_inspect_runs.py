@@ -10,11 +10,11 @@ import pytest
 from _inspect_fixtures import embedded_data, inspect_run  # noqa: F401  (fixtures)
 from _pretrain_run import read_metrics
 
-from training.inspect import InspectError
-from training.inspect.plots import cli_main as plot_main
-from training.inspect.plots import smooth
-from training.inspect.runs import load_run
-from training.inspect.wandb_file import find_run_files, read_run, scan
+from training.inspection import InspectError
+from training.inspection.plots import cli_main as plot_main
+from training.inspection.plots import smooth
+from training.inspection.runs import load_run
+from training.inspection.wandb_file import find_run_files, read_run, scan
 
 
 def test_wandb_reader_matches_metrics(inspect_run):  # noqa: F811

@@ -5,7 +5,7 @@ gradient norm and tokens/s, with resumes, extensions and checkpoints marked.
     genesis plot runs/a runs/b/metrics.jsonl runs/c/wandb/offline-run-*/run-*.wandb --output cmp.png
     genesis plot runs/genesis-1b --output loss.png --panels loss --smooth 50
 
-SOURCES are output folders, metrics.jsonl files or wandb run files (see training/inspect/runs.py).
+SOURCES are output folders, metrics.jsonl files or wandb run files (see training/inspection/runs.py).
 Markers: dashed vertical line = a resume (a launch continued from that step's checkpoint),
 broad faint band = an extension (max_steps grew; the new value is written at the top of the first
 panel), small triangles on the step axis = committed checkpoints.
