@@ -124,8 +124,9 @@ class MetricsLogger:
             flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
             for src, n in (record.get("tokens_by_source") or {}).items():
                 flat[f"tokens/{src}"] = n
-            for src, v in (record.get("val_loss") or {}).items():
-                flat[f"val_loss/{src}"] = v
+            for key in ("val_loss", "val_bpb"):
+                for src, v in (record.get(key) or {}).items():
+                    flat[f"{key}/{src}"] = v
             self.wandb_run.log(flat, step=record["step"])
 
     def close(self) -> None:

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from training.args import ConfigError, PretrainArguments, parse_args  # noqa: E402
 from training.checkpoint import CheckpointError  # noqa: E402
+from training.inspection.evaluate import evaluate_model, token_byte_lengths  # noqa: E402
 from training.metrics import MetricsLogger, scrub  # noqa: E402
 from training.reliability import SpikeGuard, TestFaults, startup_check  # noqa: E402
 from training.run_setup import (  # noqa: E402
@@ -140,6 +141,7 @@ def train(args: PretrainArguments) -> int:
     set_seed(args.seed)  # same init on every rank; the loader's order has its own seed
     tokenizer, fingerprint, loader, val = load_data(args, accelerator)
     model = build_model(args, tokenizer)
+    byte_lengths = token_byte_lengths(tokenizer)  # for bits per byte in evaluate()
     fsdp_ckpt = accelerator.distributed_type == DistributedType.FSDP and getattr(
         accelerator.state.fsdp_plugin, "activation_checkpointing", False)
     if args.gradient_checkpointing and not fsdp_ckpt:
@@ -207,7 +209,7 @@ def train(args: PretrainArguments) -> int:
                 record |= {"skipped": True, "problem": res.problem, "policy": args.nonfinite_policy}
             window_t, window_steps = 0.0, 0
             if args.eval_steps and (step % args.eval_steps == 0 or step == args.max_steps):
-                record["val_loss"] = evaluate(model, val, accelerator)
+                record |= evaluate(model, val, byte_lengths)
             metrics.log(record)
             bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}", tok_s=f"{record['tok_s']:.0f}")
 
@@ -241,21 +243,12 @@ def tokens_by_source(loader, accelerator) -> dict[str, int]:
     return {n: int(c) for n, c in zip(names, counts.tolist())}
 
 
-@torch.no_grad()
-def evaluate(model, val: dict[str, list[torch.Tensor]], accelerator) -> dict[str, float]:
-    """Mean held-out loss per source. Every rank runs the same batches (FSDP needs every rank
-    in every forward), so no reduction is needed."""
-    model.eval()
-    out = {}
-    for source, batches in val.items():
-        losses = []
-        for b in batches:
-            b = b.to(accelerator.device)
-            losses.append(model(input_ids=b[:, :-1], shift_labels=b[:, 1:]).loss.float().item())
-        if losses:
-            out[source] = sum(losses) / len(losses)
-    model.train()
-    return out
+def evaluate(model, val: dict[str, list[torch.Tensor]], byte_lengths: torch.Tensor) -> dict[str, dict]:
+    """Held-out loss (nats/token) and bits per byte per source. Every rank runs the same batches
+    (FSDP needs every rank in every forward), so no reduction is needed; `genesis eval` on the
+    saved checkpoint reproduces these numbers (training/inspection/evaluate.py)."""
+    res = evaluate_model(model, val, byte_lengths)
+    return {"val_loss": {s: r["loss"] for s, r in res.items()}, "val_bpb": {s: r["bpb"] for s, r in res.items()}}
 
 
 def save(args, ckpt_root, step, model, optimizer, scheduler, loader, train_state, meta) -> Path:
