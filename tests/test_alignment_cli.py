@@ -3,6 +3,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -133,11 +134,15 @@ def test_bad_cycle_recipes_fail_with_one_clear_line(tmp_path, capsys):
     assert "field 'parent' is required" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_sft_then_dpo_under_accelerate_launch_with_two_cpu_processes(base, tmp_path):
     """The documented `accelerate launch ... alignment/sft.py --config ...` path, 2 gloo ranks (MULTI_CPU).
 
-    `--use_cpu true` is what makes TrainingArguments see the CPU ranks as distributed."""
+    `--use_cpu true` is what makes TrainingArguments see the CPU ranks as distributed. About 40 s; marked
+    slow because on a loaded shared 2-core machine a launch sometimes stalled after training finished
+    (3 of ~7 full-suite runs, never in 6 isolated launches); a stall fails after 240 s with every rank's
+    traceback (faulthandler) instead of hanging the suite."""
     root = Path(__file__).resolve().parents[1]
     with socket.socket() as sock:  # a free port: other suites on this machine may hold 29500
         sock.bind(("127.0.0.1", 0))
@@ -150,13 +155,16 @@ def test_sft_then_dpo_under_accelerate_launch_with_two_cpu_processes(base, tmp_p
         cmd = [*launch, str(root / "alignment" / f"{stage}.py"), "--config", str(RECIPES / f"{stage}-tiny.yaml"),
                "--model_name_or_path", str(parent), "--dataset_name", str(DATA_DIR / data),
                "--output_dir", str(tmp_path / stage), *common]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
+                                env={**env, "PYTHONFAULTHANDLER": "1"}, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=root)
-        except subprocess.TimeoutExpired as e:
-            err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-            pytest.fail(f"{stage} under accelerate launch timed out; stderr tail:\n{err[-4000:]}")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stderr.count(f"{stage.upper()} done") == 1  # one rank writes the card and logs
+            _, err = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGABRT)  # faulthandler: every rank prints where it is stuck
+            _, err = proc.communicate()
+            pytest.fail(f"{stage} under accelerate launch timed out; stderr tail:\n{err[-6000:]}")
+        assert proc.returncode == 0, err[-3000:]
+        assert err.count(f"{stage.upper()} done") == 1  # one rank writes the card and logs
         assert "Stage: **" + stage + "**" in (tmp_path / stage / "README.md").read_text()
     from transformers import AutoModelForCausalLM
 
