@@ -311,20 +311,36 @@ class GenesisModel(GenesisPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def _check_inputs(self, input_ids: torch.Tensor | None, seq_len: int, past_len: int) -> None:
-        """Refuse bad inputs before any kernel runs: an out-of-range id on CUDA is a device-side assert."""
+    def _check_inputs(self, input_ids, position_ids, seq_len: int, past_len: int) -> None:
+        """Refuse bad inputs before any kernel runs: an out-of-range id on CUDA is a device-side assert.
+
+        The length limit applies to positions: with explicit `position_ids` (packed rows, where
+        positions restart at each document) the largest position counts, not the row length.
+        """
         limit = self.config.max_position_embeddings
-        if past_len + seq_len > limit:
+        if torch.compiler.is_compiling():
+            return
+        stats = []  # gathered into one tensor: a single host sync per forward
+        if input_ids is not None and input_ids.numel():
+            stats += [input_ids.min(), input_ids.max()]
+        if position_ids is not None and position_ids.numel():
+            stats.append(position_ids.max())
+        values = torch.stack(stats).tolist() if stats else []
+        if input_ids is not None and input_ids.numel():
+            lo, hi = values[0], values[1]
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"Token id {bad} is outside the vocabulary [0, {self.config.vocab_size}).")
+        if position_ids is not None and position_ids.numel():
+            if values[-1] >= limit:
+                raise ValueError(
+                    f"Position {values[-1]} is beyond max_position_embeddings={limit} (positions are 0-based)."
+                )
+        elif past_len + seq_len > limit:
             raise ValueError(
                 f"Sequence of {past_len + seq_len} tokens ({past_len} cached + {seq_len} new) exceeds "
                 f"max_position_embeddings={limit}."
             )
-        if input_ids is not None and input_ids.numel() and not torch.compiler.is_compiling():
-            lo, hi = torch.aminmax(input_ids)  # one host sync; cheap next to a forward pass
-            lo, hi = int(lo), int(hi)
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"Token id {bad} is outside the vocabulary [0, {self.config.vocab_size}).")
 
     def forward(
         self,
@@ -346,7 +362,7 @@ class GenesisModel(GenesisPreTrainedModel):
             use_cache = False  # recomputed layers would append to the cache twice
         seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         past_len = cache.get_seq_length() if cache is not None else 0
-        self._check_inputs(input_ids, seq_len, past_len)
+        self._check_inputs(input_ids, position_ids, seq_len, past_len)
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, d)

@@ -69,6 +69,18 @@ def test_bad_inputs_fail_before_any_kernel():
         model(torch.tensor([[1, -3]]))
     with pytest.raises(ValueError, match="exceeds max_position_embeddings=64"):
         model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="Position 64 is beyond max_position_embeddings=64"):
+        model(torch.zeros(1, 3, dtype=torch.long), position_ids=torch.tensor([[62, 63, 64]]))
+
+
+def test_packed_rows_longer_than_the_context_are_fine_when_positions_restart():
+    model = tiny_model()
+    # Two 40-token documents packed into one 80-token row (TRL's padding-free packing).
+    position_ids = torch.cat([torch.arange(40), torch.arange(40)])[None]
+    ids = torch.randint(0, 256, (1, 80))
+    with torch.no_grad():
+        out = model(ids, position_ids=position_ids)
+    assert out.logits.shape == (1, 80, 256)
 
 
 def test_loss_equals_plain_cross_entropy_values_and_gradients():

@@ -9,7 +9,9 @@
 2. pretrains a tiny Genesis with the same main() as training/pretrain.py (one process, progress
    bar, checkpoints, metrics.jsonl; rerunning resumes, a larger --max-steps extends the run),
 3. exports the last checkpoint to a from_pretrained folder,
-4. loads it with AutoModelForCausalLM and prints samples.
+4. loads it with AutoModelForCausalLM and prints samples,
+5. aligns it: one tiny cycle of constitution-guided SFT, curiosity-over-hedging DPO pairs, DPO and
+   the hedging/curiosity evaluation (alignment/recipes/cycle-tiny.yaml; `--no-align` skips it).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=str(RECIPE), help="pretraining recipe")
     p.add_argument("--max-new-tokens", type=int, default=48, help="length of each sample")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-align", action="store_true", help="stop after pretraining (skip SFT and DPO)")
     return p
 
 
@@ -65,9 +68,10 @@ def main(args: argparse.Namespace) -> int:
     from training.export import export_checkpoint
 
     root = Path(args.output_dir)
-    print(f"[1/4] tokenizer + data from the embedded corpus under {root / 'embedded'} (first run: about a minute)")
+    n = 4 if args.no_align else 5
+    print(f"[1/{n}] tokenizer + data from the embedded corpus under {root / 'embedded'} (first run: about a minute)")
     tok_dir, data_dir = ensure_embedded_data(root / "embedded")
-    print(f"[2/4] pretraining a tiny Genesis on CPU -> {root / 'run'}")
+    print(f"[2/{n}] pretraining a tiny Genesis on CPU -> {root / 'run'}")
     argv = ["--config", args.recipe, "--output_dir", str(root / "run"), "--embedded_data", "",
             "--tokenizer_dir", str(tok_dir), "--data_dir", str(data_dir), "--resume", "auto"]
     argv += ["--max_steps", str(args.max_steps)] if args.max_steps else []
@@ -78,16 +82,32 @@ def main(args: argparse.Namespace) -> int:
         return rc
     ckpt = latest_checkpoint(root / "run" / "checkpoints")
     dst = root / "model" / ckpt.name
-    print(f"[3/4] exporting {ckpt} -> {dst}")
+    print(f"[3/{n}] exporting {ckpt} -> {dst}")
     if not dst.exists():
         export_checkpoint(ckpt, dst)
-    print(f"[4/4] samples from {dst} (load it with AutoModelForCausalLM.from_pretrained)")
+    print(f"[4/{n}] samples from {dst} (load it with AutoModelForCausalLM.from_pretrained)")
     for text in samples(dst, args.max_new_tokens):
         print("-" * 60)
         print(text)
     print("-" * 60)
     print(f"metrics: {root / 'run' / 'metrics.jsonl'}\nmodel:   {dst}")
+    if not args.no_align:
+        align(dst, root / "align", ckpt.name)
     return 0
+
+
+def align(model_dir: Path, out: Path, name: str) -> None:
+    """Step 5: the tiny pretrain-then-align cycle on the export (reused when it already ran)."""
+    from alignment.cycle import quickstart_align
+
+    lineage = out / name / "lineage.json"
+    print(f"[5/5] aligning {model_dir}: SFT on the constitution's conversations, DPO pairs, DPO -> {out / name}")
+    if not lineage.is_file():
+        quickstart_align(model_dir, output_dir=out, name=name)
+    results = lineage.with_name("results.md")
+    if results.is_file():
+        print(results.read_text(encoding="utf-8"))
+    print(f"aligned model: {out / name / 'dpo'}\nlineage:       {lineage}")
 
 
 def cli_main(argv: list[str] | None = None) -> int:

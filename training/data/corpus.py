@@ -27,7 +27,11 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 KINDS = ("code", "prose")
-_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "pydoc_data"}
+# encodings/ is ~100 generated codec tables ("0x00e9: LATIN SMALL LETTER E WITH ACUTE"): they
+# crowd out real code and teach a small model to babble hex.
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "pydoc_data",
+              "encodings"}
+CORPUS_VERSION = 2  # bump when the selection changes, so cached materialisations are rebuilt
 
 
 def stdlib_dir() -> Path:
@@ -122,4 +126,4 @@ def materialize(out_dir: str | Path, kind: str, *, max_bytes: int | None = None)
 
 
 def corpus_info() -> dict:
-    return {"python": sys.version.split()[0], "stdlib": str(stdlib_dir())}
+    return {"python": sys.version.split()[0], "stdlib": str(stdlib_dir()), "corpus_version": CORPUS_VERSION}
