@@ -6,21 +6,12 @@ import subprocess
 import sys
 
 import torch
+from _model_fixtures import TINY
 from huggingface_hub import HfApi
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import genesis_hf
 from genesis_hf import GenesisConfig, GenesisForCausalLM
-
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=160,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
 
 
 def saved_tiny(path):

@@ -3,18 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from _model_fixtures import TINY
 
 from genesis_hf import GenesisConfig, GenesisForCausalLM, causal_lm_loss
-
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=160,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
 
 
 def tiny_model(**overrides) -> GenesisForCausalLM:
