@@ -1,6 +1,6 @@
 """`genesis quickstart`: the whole pipeline on CPU in minutes, with nothing to download.
 
-    genesis quickstart                       # ~300 steps, a few minutes on 2 cores
+    genesis quickstart                       # 600 steps, a few minutes on 2 cores
     genesis quickstart --max-steps 20        # shorter
     genesis quickstart --output-dir /tmp/qs  # elsewhere (default runs/quickstart)
 
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genesis quickstart", description=__doc__.split("\n\n")[0])
     p.add_argument("--output-dir", default="runs/quickstart", help="everything goes under here")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the recipe's 300)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the recipe's 600)")
     p.add_argument("--recipe", default=str(RECIPE), help="pretraining recipe")
     p.add_argument("--max-new-tokens", type=int, default=48, help="length of each sample")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
