@@ -106,7 +106,8 @@ def plot_runs(runs: list[Run], output: str | Path, *, panels: list[str] | None =
             if panel == "loss":
                 for j, src in enumerate(run.val_sources()):
                     vx, vy = run.series("val_loss", src)
-                    ax.plot(vx, vy, color=color, linestyle=(0, (4, 1 + j)), marker="o", markersize=3,
+                    # one marker and dash pattern per source: the run's colour is shared
+                    ax.plot(vx, vy, color=color, linestyle=(0, (4, 1 + 2 * j)), marker="osD^vP*X"[j % 8], markersize=4,
                             linewidth=1.0, alpha=0.85, label=f"{run.name} val {src}")
                     drawn = True
             _mark(ax, run, color, annotate=panel == panels[0])
