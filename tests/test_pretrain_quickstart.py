@@ -67,13 +67,15 @@ def test_export_refuses_bad_inputs(qs_run, tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
-@pytest.mark.slow
 def test_quickstart_command_on_a_fresh_folder(tmp_path):
-    """The README line, for real: embedded corpus, tokenizer, data, training, export, samples."""
+    """The README line, for real: embedded corpus, tokenizer, data, training, export, samples, alignment."""
     import subprocess
     import sys
 
     res = subprocess.run([sys.executable, "-m", "genesis_hf.cli", "quickstart", "--output-dir", str(tmp_path),
                           "--max-steps", "5", "--no-progress"], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "[4/4] samples" in res.stdout and (tmp_path / "model" / "step-00000005" / "model.safetensors").exists()
+    assert "[4/5] samples" in res.stdout and (tmp_path / "model" / "step-00000005" / "model.safetensors").exists()
+    assert "[5/5] aligning" in res.stdout
+    cycle = tmp_path / "align" / "step-00000005"
+    assert (cycle / "lineage.json").is_file() and (cycle / "dpo" / "model.safetensors").is_file()
