@@ -316,9 +316,13 @@ class GenesisModel(GenesisPreTrainedModel):
 
         The length limit applies to positions: with explicit `position_ids` (packed rows, where
         positions restart at each document) the largest position counts, not the row length.
+        Only at inference (eval mode: generation, evaluation): the check reads values on the host,
+        a sync that would drain the GPU queue on every training micro-batch and break
+        `torch.compile` graphs. Training inputs are checked where they are made instead (the
+        pretraining loader's batches, the tokenizer's ids in TRL).
         """
         limit = self.config.max_position_embeddings
-        if torch.compiler.is_compiling():
+        if self.training or torch.compiler.is_compiling():
             return
         stats = []  # gathered into one tensor: a single host sync per forward
         if input_ids is not None and input_ids.numel():
@@ -413,7 +417,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size: int, normaliser: float):
+    def forward(ctx, hidden, weight, labels, chunk_size: int, normaliser: torch.Tensor):
         # hidden (N, d), weight (V, d), labels (N,) with -100 = ignore
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_dh else None
@@ -480,10 +484,11 @@ def causal_lm_loss(
         )
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
     targets = targets.reshape(-1).to(hidden.device)  # (N,)
+    # The normaliser stays a device tensor: reading it on the host would sync every micro-batch.
     if num_items_in_batch is None:
-        normaliser = float(max(int((targets != -100).sum()), 1))
+        normaliser = (targets != -100).sum().clamp(min=1).float()
     else:
-        normaliser = float(num_items_in_batch)
+        normaliser = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
     return _LinearCrossEntropy.apply(hidden, lm_head_weight, targets, chunk_size, normaliser)
 
 

@@ -30,7 +30,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(out: Path, data: tuple[Path, Path], *args: str, nproc: int = 2) -> list[str]:
+def command(out: Path, data: tuple[Path, Path], *args: str, nproc: int = 2, config: Path = CPU_CONFIG) -> list[str]:
     tok_dir, data_dir = data
     common = ["--config", str(DEBUG_RECIPE), "--output_dir", str(out), "--tokenizer_dir", str(tok_dir),
               "--data_dir", str(data_dir), "--no_progress_bar", "--eval_steps", "0", *args]
@@ -38,7 +38,7 @@ def command(out: Path, data: tuple[Path, Path], *args: str, nproc: int = 2) -> l
     common += ["--embedded_data", "", "--mixture", "training/mixtures/embedded.yaml"]
     if nproc == 1:
         return [sys.executable, str(SCRIPT), *common]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
             "--num_processes", str(nproc), "--main_process_port", str(free_port()), str(SCRIPT), *common]
 
 
@@ -69,12 +69,13 @@ def kill_tree(pid: int) -> None:
 
 
 def run_pretrain(out: Path, data, *args: str, nproc: int = 2, env: dict | None = None,
-                 timeout: float = 240) -> subprocess.CompletedProcess:
+                 timeout: float = 240, config: Path = CPU_CONFIG) -> subprocess.CompletedProcess:
     """Run to completion (or failure). A hung run is killed (whole tree) and fails the test.
     Output goes through files, not pipes: a stray rank holding a pipe cannot block the test."""
     Path(out).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
-        proc = subprocess.Popen(command(out, data, *args, nproc=nproc), cwd=REPO, env=_env(env), text=True,
+        proc = subprocess.Popen(command(out, data, *args, nproc=nproc, config=config), cwd=REPO, env=_env(env),
+                                text=True,
                                 stdout=fo, stderr=fe)
         try:
             proc.wait(timeout=timeout)
@@ -87,8 +88,9 @@ def run_pretrain(out: Path, data, *args: str, nproc: int = 2, env: dict | None =
         return subprocess.CompletedProcess(proc.args, proc.returncode, fo.read(), fe.read())
 
 
-def start_pretrain(out: Path, data, *args: str, nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(command(out, data, *args, nproc=nproc), cwd=REPO, env=_env(env),
+def start_pretrain(out: Path, data, *args: str, nproc: int = 2, env: dict | None = None,
+                   config: Path = CPU_CONFIG) -> subprocess.Popen:
+    return subprocess.Popen(command(out, data, *args, nproc=nproc, config=config), cwd=REPO, env=_env(env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -64,6 +64,10 @@ class PretrainArguments:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute each decoder layer in backward (FSDP configs do it themselves)."}
     )
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each decoder layer (in place, before FSDP wraps it); the first steps compile."},
+    )
 
     # ---- batch and optimiser -------------------------------------------------------------
     max_steps: int = field(default=1000, metadata={"help": "Optimizer steps of the whole run."})

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from training.args import ConfigError, PretrainArguments, parse_args  # noqa: E402
 from training.checkpoint import CheckpointError  # noqa: E402
+from training.fsdp import compile_decoder_layers, require_granted_fsdp, use_genesis_policy  # noqa: E402
 from training.inspection.evaluate import evaluate_model, token_byte_lengths  # noqa: E402
 from training.metrics import MetricsLogger, scrub  # noqa: E402
 from training.reliability import SpikeGuard, TestFaults, startup_check  # noqa: E402
@@ -71,12 +72,22 @@ _KEEP_ALIVE: list = []  # see the end of train()
 EXIT_NONFINITE = 3  # the run stopped on a non-finite loss/gradient or a spike (policy stop)
 
 
+def check_batch(batch: torch.Tensor, vocab_size: int) -> None:
+    """Refuse token ids outside the vocabulary, on the host, before the batch reaches the device
+    (on CUDA an out-of-range id is a device-side assert). The model checks its inputs only at
+    inference: in training the check would be a host sync per micro-batch inside the forward."""
+    lo, hi = int(batch.min()), int(batch.max())  # (B, T+1) on CPU: microseconds, no device sync
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"data: token id {lo if lo < 0 else hi} is outside the model's vocabulary [0, {vocab_size}); "
+                         "were the shards made with another tokenizer?")
+
+
 def forward_backward(model, accelerator, batch: torch.Tensor, *, sync: bool, scale: float, faults, step):
     """One micro-batch. batch: (B, T+1) int64 from the loader; returns the detached mean loss.
 
     Inputs are tokens 0..T-1 of the window and `shift_labels` tokens 1..T, so all T positions
     train. Every micro-batch has B*T targets, so the mean of the micro-batch means is the token
-    mean over the whole step.
+    mean over the whole step. No host sync in here: the loss stays on the device until the step ends.
     """
     batch = batch.to(accelerator.device, non_blocking=True)
     x, y = batch[:, :-1], batch[:, 1:]  # (B, T) each
@@ -89,12 +100,13 @@ def forward_backward(model, accelerator, batch: torch.Tensor, *, sync: bool, sca
     return loss.detach().float()
 
 
-def train_step(model, optimizer, scheduler, loader, accelerator, args, guard, faults, step) -> StepResult:
+def train_step(model, optimizer, scheduler, loader, accelerator, args, guard, faults, step, vocab_size) -> StepResult:
     """Accumulate, clip, check, step. `step` is the 1-based number of the step being made."""
     accum = args.gradient_accumulation_steps
     loss_sum = torch.zeros((), device=accelerator.device)
     for micro in range(accum):
         batch = loader.next_batch()
+        check_batch(batch, vocab_size)
         faults.log_batch(step, micro, batch)
         loss_sum += forward_backward(model, accelerator, batch, sync=micro == accum - 1, scale=1.0 / accum,
                                      faults=faults, step=step)
@@ -135,12 +147,14 @@ def train(args: PretrainArguments) -> int:
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
     for note in _LAUNCH_NOTES:
         logger.info("launch environment: %s", note)
+    require_granted_fsdp(accelerator)  # never train unsharded when the config asked for FSDP
     latency = startup_check(accelerator, args.startup_check_timeout_s)
     logger.info("start-up all-reduce over %d process(es): %.3fs (%s)", world, latency, accelerator.distributed_type)
 
     set_seed(args.seed)  # same init on every rank; the loader's order has its own seed
     tokenizer, fingerprint, loader, val = load_data(args, accelerator)
     model = build_model(args, tokenizer)
+    vocab_size = model.config.vocab_size  # check_batch's bound
     byte_lengths = token_byte_lengths(tokenizer)  # for bits per byte in evaluate()
     fsdp_ckpt = accelerator.distributed_type == DistributedType.FSDP and getattr(
         accelerator.state.fsdp_plugin, "activation_checkpointing", False)
@@ -149,7 +163,10 @@ def train(args: PretrainArguments) -> int:
     meta = build_meta(args, accelerator, model, fingerprint)  # before sharding: full parameter counts
     logger.info("model: %s parameters, %.3g FLOPs/token; %s", f"{meta['n_params']:,}", meta["flops_per_token"],
                 meta["peak_flops_note"])
+    if args.torch_compile:  # per decoder layer, in place: parameter names and FSDP's auto-wrap unchanged
+        logger.info("torch_compile: %d decoder layers compiled (inductor)", compile_decoder_layers(model))
     optimizer = build_optimizer(model, args)
+    use_genesis_policy(accelerator)  # bf16 compute, fp32 gradient reduction/accumulation and loss
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = LRSchedule.from_args(args)
     scheduler = make_scheduler(optimizer, schedule)
@@ -178,7 +195,7 @@ def train(args: PretrainArguments) -> int:
     exit_code = 0
     while step < args.max_steps:
         t0 = time.monotonic()
-        res = train_step(model, optimizer, scheduler, loader, accelerator, args, guard, faults, step + 1)
+        res = train_step(model, optimizer, scheduler, loader, accelerator, args, guard, faults, step + 1, vocab_size)
         window_t += time.monotonic() - t0
         window_steps += 1
         if res.problem is not None:
