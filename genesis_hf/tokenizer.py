@@ -1,4 +1,4 @@
-"""The Genesis tokenizer: byte-fallback BPE trained with the `tokenizers` library.
+"""The Genesis tokenizer: byte-level BPE (GPT-2 style) trained with the `tokenizers` library.
 
     genesis tokenizer train SOURCES... --vocab-size 49152 --output DIR
 
@@ -8,14 +8,17 @@ renders them. The output folder is a standard fast tokenizer: ``AutoTokenizer.fr
 loads it with no project code.
 
 Design (why each choice):
-- No normalizer and a regex split on raw characters (no "▁" space substitution): a space,
-  tab, CR or a literal "▁" stays itself, so ``decode(encode(x)) == x`` for every string.
-- Byte fallback: a character outside the learned alphabet becomes its UTF-8 bytes
-  (``<0x00>``..``<0xFF>``, always in the vocabulary), so there is no unknown token.
-- Ids are stable across vocabulary sizes: special tokens 0..7, byte tokens 8..263, then the
-  learned characters and merges. The vocabulary has exactly ``vocab_size`` entries.
+- No normalizer; a regex split on raw characters (``PRETOKENIZE_PATTERN``), then each piece's
+  UTF-8 bytes are spelled with GPT-2's byte-to-unicode alphabet and merged by BPE. Nothing is
+  rewritten, so ``decode(encode(x)) == x`` for every string, and there is no unknown token.
+- The split regex is llama.cpp's "qwen2" pre-tokenizer character for character (Llama-3's, digits
+  one by one), and the vocabulary is in GPT-2's byte alphabet: llama.cpp's BPE ("gpt2") tokenizer
+  reproduces our token ids exactly from a GGUF written by `genesis export --format gguf`.
+- Ids are stable across vocabulary sizes: special tokens 0..7, the 256 single bytes 8..263 in
+  byte order (id = 8 + byte value), then the merges in the order they were learned. The
+  vocabulary has exactly ``vocab_size`` entries.
 - ``eos_token`` is ``<|endoftext|>`` (the document boundary used in pretraining). Chat
-  generation stops on ``<|im_end|>``: pass ``CHAT_STOP_TOKENS`` to ``generate``.
+  generation stops on ``<|im_end|>``: pass ``CHAT_STOP_TOKENS`` to ``generate``. No BOS.
 
 Chat format (ChatML), also written as ``chat_template.jinja``::
 
@@ -60,12 +63,41 @@ SPECIAL_TOKENS: list[str] = [
 ]
 # Chat generation ends at the end of the assistant turn; <|endoftext|> as a safety net.
 CHAT_STOP_TOKENS: list[str] = ["<|im_end|>", EOS_TOKEN]
-BYTE_TOKENS: list[str] = [f"<0x{b:02X}>" for b in range(256)]
 DEFAULT_VOCAB_SIZE = 49152
+# Written into genesis_tokenizer.json; a folder with another (or no) format is an older tokenizer.
+TOKENIZER_FORMAT = "byte-level-bpe"
 
-# GPT-4-style split, but digits one by one (better arithmetic) and on raw characters.
-# Letters may carry one leading non-letter (" the", "_name"); whitespace runs before a
-# newline stay together ("\r\n", indentation) so code formatting compresses well.
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map: printable Latin-1 bytes stand for themselves,
+    the other 68 bytes take the characters from U+0100 up. llama.cpp's BPE vocabularies use it."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+BYTE_TOKENS: list[str] = list(bytes_to_unicode().values())  # ids 8..263: the token for byte b is 8 + b
+UNICODE_TO_BYTE: dict[str, int] = {c: b for b, c in bytes_to_unicode().items()}
+
+
+def token_bytes(token: str) -> bytes | None:
+    """The raw bytes a (non-special) byte-level token stands for; None if it is not one."""
+    try:
+        return bytes(UNICODE_TO_BYTE[c] for c in token)
+    except KeyError:
+        return None
+
+
+# GPT-4-style split, but digits one by one (better arithmetic) and on raw characters; equal to
+# llama.cpp's "qwen2" pre-tokenizer regex ((?i:'s) is its '[sS]). Letters may carry one leading
+# non-letter (" the", "_name"); whitespace runs before a newline stay together ("\r\n",
+# indentation) so code formatting compresses well.
 PRETOKENIZE_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -147,21 +179,29 @@ def _iter_sources(sources, field: str, sample_bytes: int | None) -> Iterator[tup
 # ----------------------------------------------------------------------------- training
 
 
+def _pre_tokenizer():
+    # Split on raw characters first, then spell each piece in GPT-2's byte alphabet (no second regex).
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
 def _assemble(trained: Tokenizer) -> Tokenizer:
-    """Specials + byte tokens first, then the learned vocabulary, as one byte-fallback BPE."""
+    """Specials, then the 256 bytes in byte order, then the merges in learned order, as one BPE."""
     spec = json.loads(trained.to_str())["model"]
-    learned = sorted(spec["vocab"].items(), key=lambda kv: kv[1])
+    byte_set = set(BYTE_TOKENS)
+    missing = byte_set - set(spec["vocab"])
+    if missing:  # the trainer was given the whole byte alphabet; this would be a tokenizers bug
+        raise ValueError(f"trained vocabulary lacks {len(missing)} of the 256 byte tokens")
+    learned = [tok for tok, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1]) if tok not in byte_set]
     fixed = SPECIAL_TOKENS + BYTE_TOKENS
-    clash = [tok for tok, _ in learned if tok in set(fixed)]
-    if clash:
-        raise ValueError(f"learned tokens collide with reserved tokens: {clash[:5]}")
     vocab = {tok: i for i, tok in enumerate(fixed)}
-    vocab.update({tok: len(fixed) + i for i, (tok, _) in enumerate(learned)})
+    vocab.update({tok: len(fixed) + i for i, tok in enumerate(learned)})
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated")
-    # ByteFallback turns <0xE4><0xB8><0xAD> back into UTF-8; Fuse joins the pieces. No Strip.
-    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False, ignore_merges=False))
+    tok.pre_tokenizer = _pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()  # byte alphabet -> bytes -> UTF-8; nothing stripped
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok
 
@@ -223,10 +263,9 @@ def train_tokenizer(
     show_progress: bool = True,
     field: str = "text",
     sample_bytes: int | None = None,
-    limit_alphabet: int | None = None,
     report: bool = True,
 ):
-    """Train the Genesis byte-fallback BPE; returns a `PreTrainedTokenizerFast` of exactly `vocab_size`.
+    """Train the Genesis byte-level BPE; returns a `PreTrainedTokenizerFast` of exactly `vocab_size`.
 
     `sources`: a list of file paths (.txt/.jsonl/.parquet, `field` read; or a mixture .yaml,
     at most `sample_bytes` rendered per source) or an iterator of document strings.
@@ -253,30 +292,24 @@ def train_tokenizer(
             yield text
 
     t0 = time.perf_counter()
-    base = Tokenizer(models.BPE(byte_fallback=True))
-    base.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated")
-    options = {} if limit_alphabet is None else {"limit_alphabet": limit_alphabet}
+    base = Tokenizer(models.BPE())
+    base.pre_tokenizer = _pre_tokenizer()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - reserved,
+        vocab_size=vocab_size - len(SPECIAL_TOKENS),  # the 256 bytes count: they are the initial alphabet
         min_frequency=min_frequency,
         show_progress=show_progress,
         special_tokens=[],
-        **options,
+        initial_alphabet=BYTE_TOKENS,
     )
     base.train_from_iterator(texts(), trainer=trainer)
     if n_docs == 0:
         raise ValueError(
             f"tokenizer sources yielded no text: {sources if isinstance(sources, list) else '<iterator>'}"
         )
-    learned = base.get_vocab_size()
-    if learned > vocab_size - reserved:  # the trainer keeps the whole alphabet even past vocab_size
+    learned = base.get_vocab_size()  # 256 bytes + merges
+    if learned != vocab_size - len(SPECIAL_TOKENS):
         raise ValueError(
-            f"the corpus has {learned} distinct characters, more than the {vocab_size - reserved} entries "
-            f"vocab_size={vocab_size} leaves after {reserved} reserved tokens: set --limit-alphabet or raise --vocab-size"
-        )
-    if learned != vocab_size - reserved:
-        raise ValueError(
-            f"the corpus ({n_bytes:,} characters) supports only {learned + reserved} vocabulary entries, "
+            f"the corpus ({n_bytes:,} characters) supports only {learned + len(SPECIAL_TOKENS)} vocabulary entries, "
             f"not vocab_size={vocab_size}: add text, lower --vocab-size or --min-frequency"
         )
     tok = _assemble(base)
@@ -284,6 +317,7 @@ def train_tokenizer(
     seconds = time.perf_counter() - t0  # training proper: read, count pairs, merge, assemble
     hf_tok = wrap_tokenizer(tok)
     report = {
+        "format": TOKENIZER_FORMAT,
         "vocab_size": vocab_size,
         "special_tokens": SPECIAL_TOKENS,
         "chat_stop_tokens": CHAT_STOP_TOKENS,
@@ -303,7 +337,7 @@ def train_tokenizer(
 
 
 def tokenizer_fingerprint(tokenizer_or_dir) -> str:
-    """sha256 over everything that decides token ids: model (vocab, merges, byte fallback),
+    """sha256 over everything that decides token ids: model (vocab, merges, options),
     added/special tokens, normalizer, pre-tokenizer, decoder, post-processor and chat template.
 
     Accepts a tokenizer folder, a transformers tokenizer or a `tokenizers.Tokenizer`; the three
@@ -347,7 +381,7 @@ def tokenizer_fingerprint(tokenizer_or_dir) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="genesis tokenizer", description="Train the Genesis byte-fallback BPE tokenizer."
+        prog="genesis tokenizer", description="Train the Genesis byte-level BPE tokenizer."
     )
     sub = p.add_subparsers(dest="action", required=True)
     t = sub.add_parser("train", help="train on text/jsonl/parquet files or a mixture recipe")
@@ -357,7 +391,6 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--field", default="text", help="field of jsonl/parquet records to read")
     t.add_argument("--min-frequency", type=int, default=2, help="minimum pair count to merge")
     t.add_argument("--sample-bytes", type=int, default=None, help="mixture only: characters to read in all, split by weight")
-    t.add_argument("--limit-alphabet", type=int, default=None, help="keep the N most frequent characters; rarer ones use byte fallback")
     t.add_argument("--no-progress", action="store_true", help="hide progress bars")
     f = sub.add_parser("fingerprint", help="print the fingerprint of a tokenizer folder")
     f.add_argument("dir")
@@ -379,7 +412,6 @@ def cli_main(argv: list[str]) -> int:
             show_progress=not args.no_progress,
             field=args.field,
             sample_bytes=args.sample_bytes,
-            limit_alphabet=args.limit_alphabet,
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"genesis tokenizer: error: {exc}", file=sys.stderr)

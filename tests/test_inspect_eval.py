@@ -42,6 +42,10 @@ def test_byte_lengths_count_utf8_bytes(inspect_run):  # noqa: F811
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert sum(lengths[i].item() for i in ids) == len(text.encode("utf-8"))
     assert lengths[tok.eos_token_id] == 0
+    # The emoji is spelled with single-byte tokens (pieces of one character): each counts 1 byte,
+    # where decoding the token alone would give U+FFFD (3 bytes).
+    ids = tok("🙂", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1 and [lengths[i].item() for i in ids] == [1] * len(ids)
 
 
 class _Uniform(torch.nn.Module):

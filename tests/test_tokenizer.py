@@ -15,6 +15,7 @@ from genesis_hf.tokenizer import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     cli_main,
+    token_bytes,
     tokenizer_fingerprint,
     train_tokenizer,
 )
@@ -46,6 +47,8 @@ def test_exact_size_and_stable_ids(embedded):  # noqa: F811
     vocab = tok.get_vocab()
     assert [vocab[t] for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     assert [vocab[t] for t in BYTE_TOKENS] == list(range(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + 256))
+    assert [token_bytes(t) for t in BYTE_TOKENS] == [bytes([b]) for b in range(256)]  # id 8 + b is byte b
+    assert not any(t.startswith("<0x") for t in vocab)  # no byte-fallback tokens: byte-level BPE
     assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|endoftext|>", "<|pad|>", None)
     assert tok.eos_token_id == 0 and tok.pad_token_id == 1
     assert tok.encode("hello", add_special_tokens=True) == tok.encode("hello", add_special_tokens=False)
@@ -60,7 +63,9 @@ def test_round_trip(embedded, name):  # noqa: F811
     text = ROUND_TRIP[name]
     ids = tok.encode(text)
     assert tok.decode(ids) == text
-    if name == "unseen_scripts":  # characters outside the learned alphabet fall back to bytes
+    # Every token spells real bytes, and the bytes of the tokens are the text's UTF-8.
+    assert b"".join(token_bytes(t) for t in tok.convert_ids_to_tokens(ids)) == text.encode("utf-8")
+    if name == "unseen_scripts":  # characters no merge covers are spelled with single-byte tokens
         assert any(8 <= i < 264 for i in ids)
 
 
@@ -132,13 +137,13 @@ def test_train_from_files_cli_and_report(tmp_path):
     pq.write_table(pa.table({"text": [f"Row {i} of a parquet file." for i in range(50)]}), tmp_path / "c.parquet")
     out = tmp_path / "tok"
     files = [str(tmp_path / f) for f in ("a.txt", "b.jsonl", "c.parquet")]
-    assert cli_main(["train", *files, "--vocab-size", "330", "--min-frequency", "1", "--output", str(out),
+    assert cli_main(["train", *files, "--vocab-size", "320", "--min-frequency", "1", "--output", str(out),
                      "--no-progress"]) == 0  # fmt: skip
     report = json.loads((out / "genesis_tokenizer.json").read_text())
-    assert report["vocab_size"] == 330 and set(report["bytes_per_token"]) == {"a.txt", "b.jsonl", "c.parquet"}
+    assert report["vocab_size"] == 320 and set(report["bytes_per_token"]) == {"a.txt", "b.jsonl", "c.parquet"}
     assert all(v > 1.0 for v in report["bytes_per_token"].values())
-    tok = train_tokenizer(iter([text]), 320, show_progress=False)  # an iterator of strings, not saved
-    assert len(tok) == 320 and tok.decode(tok.encode(text)) == text
+    tok = train_tokenizer(iter([text]), 290, show_progress=False)  # an iterator of strings, not saved
+    assert len(tok) == 290 and tok.decode(tok.encode(text)) == text
 
 
 def test_train_from_mixture_recipe(tmp_path):
@@ -158,9 +163,48 @@ def test_bad_input_is_named(tmp_path):
         train_tokenizer([tmp_path / "bad.txt"], 400, show_progress=False)
     with pytest.raises(ValueError, match="supports only"):
         train_tokenizer(iter(["tiny text"]), 5000, show_progress=False)
-    with pytest.raises(ValueError, match="distinct characters"):
-        train_tokenizer(iter(["abcdefghijklmnopqrstuvwxyz0123456789" * 3]), 280, show_progress=False)
     with pytest.raises(ValueError, match="reserved"):
         train_tokenizer(iter(["tiny text"]), 100, show_progress=False)
     with pytest.raises(ValueError, match="no text"):
         train_tokenizer(iter(["  ", ""]), 400, show_progress=False)
+
+
+def _byte_fallback_tokenizer(folder):
+    """The tokenizer family Genesis wrote before byte-level BPE: <0xNN> byte-fallback tokens, no merges."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from genesis_hf.tokenizer import PRETOKENIZE_PATTERN, wrap_tokenizer
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + [f"<0x{b:02X}>" for b in range(256)])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated")
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    wrap_tokenizer(tok).save_pretrained(folder)
+    return folder
+
+
+def test_shards_of_the_old_byte_fallback_tokenizer_are_refused(embedded, tmp_path):  # noqa: F811
+    from _data_fixtures import make_data
+
+    from training.data import shards
+    from training.data.loader import PackedLoader, validation_batches
+
+    old_tok = _byte_fallback_tokenizer(tmp_path / "old-tok")
+    data = make_data(tmp_path, old_tok, {"a": 40})
+    assert shards.read_manifest(data)["tokenizer_format"] is None  # no genesis_tokenizer.json
+    manifest = json.loads((data / "manifest.json").read_text())
+    del manifest["tokenizer_format"]  # as written before this field existed
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    new_fp = tokenizer_fingerprint(embedded[0])
+    assert new_fp != tokenizer_fingerprint(old_tok)
+    for refuse in (
+        lambda: PackedLoader(data, seq_len=16, micro_batch_size=1, expected_fingerprint=new_fp),
+        lambda: validation_batches(data, seq_len=16, micro_batch_size=1, expected_fingerprint=new_fp),
+        lambda: shards.verify(data, expected_fingerprint=new_fp),
+    ):
+        with pytest.raises(ValueError, match=r"refusing shards made by another tokenizer \(theirs: a byte-fallback BPE.*"
+                                             r"genesis data prepare"):
+            refuse()
+    # Shards of the current tokenizer say which format made them.
+    assert shards.read_manifest(embedded[1])["tokenizer_format"] == "byte-level-bpe"

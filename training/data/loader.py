@@ -86,11 +86,7 @@ class PackedLoader:
         self.data_dir = Path(data_dir)
         self.manifest = shards.read_manifest(self.data_dir)
         self.fingerprint: str = self.manifest["fingerprint"]
-        if expected_fingerprint is not None and expected_fingerprint != self.fingerprint:
-            raise ValueError(
-                f"{self.data_dir / shards.MANIFEST}: fingerprint {self.fingerprint[:16]}... differs from the run's "
-                f"tokenizer {expected_fingerprint[:16]}...: refusing shards made by another tokenizer"
-            )
+        shards.check_fingerprint(self.data_dir, self.manifest, expected_fingerprint)
         self.seq_len, self.micro_batch_size, self.window = seq_len, micro_batch_size, seq_len + 1
         self.rank, self.world_size, self.seed, self.split = rank, world_size, seed, split
         dtype = np.dtype(self.manifest["dtype"])
@@ -254,8 +250,7 @@ def validation_batches(data_dir, *, seq_len: int, micro_batch_size: int, max_bat
     A source with less than one window of held-out text is left out (and logged)."""
     data_dir = Path(data_dir)
     manifest = shards.read_manifest(data_dir)
-    if expected_fingerprint is not None and manifest["fingerprint"] != expected_fingerprint:
-        raise ValueError(f"{data_dir / shards.MANIFEST}: fingerprint differs from the run's tokenizer")
+    shards.check_fingerprint(data_dir, manifest, expected_fingerprint)
     dtype, window = np.dtype(manifest["dtype"]), seq_len + 1
     out: dict[str, list[torch.Tensor]] = {}
     for name in sorted(manifest["sources"]):

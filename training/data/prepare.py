@@ -218,11 +218,13 @@ def prepare(
 ) -> dict:
     """Tokenize every source of `mixture` into `output_dir`; returns the manifest. Resumable and
     idempotent: a finished folder is verified (sizes) and its manifest returned."""
-    from genesis_hf.tokenizer import EOS_TOKEN, tokenizer_fingerprint
+    from genesis_hf.tokenizer import EOS_TOKEN, REPORT_FILE, tokenizer_fingerprint
 
     mix: Mixture = load_mixture(mixture)
     tokenizer_dir, out = Path(tokenizer_dir), Path(output_dir)
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
+    report = tokenizer_dir / REPORT_FILE
+    tokenizer_format = json.loads(report.read_text()).get("format") if report.is_file() else None
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
@@ -283,6 +285,7 @@ def prepare(
     manifest = {
         "format_version": shards.FORMAT_VERSION,
         "fingerprint": fingerprint,
+        "tokenizer_format": tokenizer_format,  # genesis_tokenizer.json's "format"; None for other tokenizers
         "tokenizer_dir": str(tokenizer_dir.resolve()),
         "vocab_size": vocab_size,
         "eos_token_id": eos_id,
@@ -310,12 +313,13 @@ def ensure_embedded_data(root: str | Path, *, vocab_size: int = 4096) -> tuple[P
     Returns (root/tokenizer, root/data). The first call trains a `vocab_size` tokenizer on the
     embedded mixture and prepares it; later calls check fingerprints and shard checksums only.
     """
-    from genesis_hf.tokenizer import REPORT_FILE, tokenizer_fingerprint, train_tokenizer
+    from genesis_hf.tokenizer import REPORT_FILE, TOKENIZER_FORMAT, tokenizer_fingerprint, train_tokenizer
 
     root = Path(root)
     tok_dir, data_dir, cache = root / "tokenizer", root / "data", root / "cache"
-    report = tok_dir / REPORT_FILE
-    if not report.is_file() or json.loads(report.read_text()).get("vocab_size") != vocab_size:
+    report = json.loads((tok_dir / REPORT_FILE).read_text()) if (tok_dir / REPORT_FILE).is_file() else {}
+    # A tokenizer of another size or an older format (byte fallback) is retrained; its data follows.
+    if report.get("vocab_size") != vocab_size or report.get("format") != TOKENIZER_FORMAT:
         from training.data.mixture import iter_mixture_texts
 
         texts = (t for _, t in iter_mixture_texts(EMBEDDED_MIXTURE, work_dir=cache))

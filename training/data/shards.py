@@ -64,6 +64,20 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+def check_fingerprint(data_dir: str | Path, manifest: dict, expected: str | None) -> None:
+    """Refuse shards made by another tokenizer than `expected` (a fingerprint), saying what to do."""
+    if expected is None or manifest["fingerprint"] == expected:
+        return
+    # Manifests from before the byte-level BPE tokenizer record no tokenizer_format.
+    made_by = manifest.get("tokenizer_format") or "a byte-fallback BPE (Genesis before the byte-level switch)"
+    raise ValueError(
+        f"{Path(data_dir) / MANIFEST}: tokenizer fingerprint {manifest['fingerprint'][:16]}... differs from "
+        f"this run's {expected[:16]}...: refusing shards made by another tokenizer (theirs: {made_by}). "
+        f"Tokenize the data again with this run's tokenizer: genesis data prepare --mixture ... "
+        f"--tokenizer DIR --output NEW_DIR"
+    )
+
+
 def read_manifest(data_dir: str | Path) -> dict:
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
@@ -100,11 +114,7 @@ def verify(data_dir: str | Path, *, checksum: bool = True, expected_fingerprint:
     """Check every shard of a prepared folder; returns the manifest."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
-    if expected_fingerprint is not None and manifest["fingerprint"] != expected_fingerprint:
-        raise ValueError(
-            f"{data_dir / MANIFEST}: tokenizer fingerprint {manifest['fingerprint'][:16]}... differs from "
-            f"this run's {expected_fingerprint[:16]}...: refusing shards made by another tokenizer"
-        )
+    check_fingerprint(data_dir, manifest, expected_fingerprint)
     dtype = np.dtype(manifest["dtype"])
     for src in manifest["sources"].values():
         for shard in src["shards"]:

@@ -9,7 +9,9 @@ Definitions (per source, over the validation shards' consecutive windows, the sa
 the pretraining loop's `val_loss`):
     loss = mean next-token cross-entropy in nats over every target token (token-weighted)
     bpb  = sum of NLL over text targets / (ln 2 x UTF-8 bytes of those targets)
-A target's bytes are its token's bytes (a byte-fallback token <0xHH> is 1 byte); special tokens
+A target's bytes are its token's raw bytes (a byte-level token spells its bytes in GPT-2's byte
+alphabet, so a piece of a multi-byte character counts only the bytes it holds; a byte-fallback
+token <0xHH> of older SentencePiece-style vocabularies is 1 byte); special tokens
 (<|endoftext|> between documents) have no bytes and are left out of bpb, not of loss. bpb does
 not depend on the tokenizer, so models with different vocabularies compare on it.
 
@@ -39,17 +41,33 @@ logger = logging.getLogger(__name__)
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
+def _is_byte_level(tokenizer) -> bool:
+    """True when the tokenizer's decoder maps GPT-2's byte alphabet back to bytes (Genesis, GPT-2, Llama 3)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    return any(d.get("type") == "ByteLevel" for d in parts)
+
+
 def token_byte_lengths(tokenizer) -> torch.Tensor:
-    """(V,) int64: the UTF-8 bytes each token id stands for; 0 for special tokens."""
+    """(V,) int64: the raw bytes each token id stands for; 0 for special tokens."""
+    from genesis_hf.tokenizer import token_bytes
+
     vocab = tokenizer.get_vocab()
     out = torch.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=torch.int64)
     special = set(tokenizer.all_special_ids) | {i for t, i in vocab.items() if t in tokenizer.added_tokens_encoder}
+    byte_level = _is_byte_level(tokenizer)
     for tok, i in vocab.items():
         if i in special:
             continue
-        if _BYTE_TOKEN.match(tok):
+        raw = token_bytes(tok) if byte_level else None
+        if raw is not None:  # decoding one token alone would turn a partial character into U+FFFD
+            out[i] = len(raw)
+        elif _BYTE_TOKEN.match(tok):
             out[i] = 1
-        else:  # our tokenizer keeps raw characters in tokens; decode handles other conventions
+        else:  # raw characters or SentencePiece pieces; decode handles their conventions
             out[i] = len(tokenizer.convert_tokens_to_string([tok]).encode("utf-8"))
     return out
 
