@@ -76,9 +76,36 @@ def fsdp_policies(model) -> dict[str, object]:
     for name, module in model.named_modules():
         if isinstance(module, FSDPModule):
             group = module._get_fsdp_state()._fsdp_param_group
-            if group is not None:
+            if group is not None:  # a wrapper around an already wrapped layer owns no parameters
                 out[name or "<root>"] = group.mp_policy
     return out
+
+
+def fsdp_summary(model, accelerator) -> str:
+    """One line on how `prepare` sharded the model: units by class, activation checkpointing,
+    precision of every unit, and the plugin's loading/state-dict settings (logged at start)."""
+    from collections import Counter
+
+    from torch.distributed.fsdp import FSDPModule
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    # A unit is a parameter group; one group may span several modules (Accelerate puts the tied
+    # embedding/head and the final norm in one), and a wrapper around a wrapped layer owns none.
+    groups: dict[int, list[str]] = {}
+    for _, module in model.named_modules():
+        if isinstance(module, FSDPModule) and (group := module._get_fsdp_state()._fsdp_param_group) is not None:
+            groups.setdefault(id(group), []).append(type(module).__name__.removeprefix("FSDP"))
+    units = Counter("+".join(names) for names in groups.values())
+    checkpointed = sum(isinstance(m, CheckpointWrapper) for m in model.modules())
+    policies = {describe_policy(p) for p in fsdp_policies(model).values()}
+    plugin = accelerator.state.fsdp_plugin
+    precision = (f"every unit: {policies.pop()}" if len(policies) == 1
+                 else "MIXED: " + " | ".join(sorted(policies)))
+    return (f"{sum(units.values())} units ({', '.join(f'{n} x{c}' for n, c in units.items())}); "
+            f"activation checkpointing on {checkpointed} layers; {precision}; "
+            f"cpu_ram_efficient_loading={plugin.cpu_ram_efficient_loading}; "
+            f"reshard_after_forward={plugin.reshard_after_forward}; state_dict_type={plugin.state_dict_type.name}")
 
 
 # ----------------------------------------------------------------------------- refusal

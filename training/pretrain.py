@@ -49,7 +49,12 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from training.args import ConfigError, PretrainArguments, parse_args  # noqa: E402
 from training.checkpoint import CheckpointError  # noqa: E402
-from training.fsdp import compile_decoder_layers, require_granted_fsdp, use_genesis_policy  # noqa: E402
+from training.fsdp import (  # noqa: E402
+    compile_decoder_layers,
+    fsdp_summary,
+    require_granted_fsdp,
+    use_genesis_policy,
+)
 from training.inspection.evaluate import evaluate_model, token_byte_lengths  # noqa: E402
 from training.metrics import MetricsLogger, scrub  # noqa: E402
 from training.reliability import SpikeGuard, TestFaults, startup_check  # noqa: E402
@@ -168,6 +173,8 @@ def train(args: PretrainArguments) -> int:
     optimizer = build_optimizer(model, args)
     use_genesis_policy(accelerator)  # bf16 compute, fp32 gradient reduction/accumulation and loss
     model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        logger.info("FSDP2: %s", fsdp_summary(model, accelerator))
     schedule = LRSchedule.from_args(args)
     scheduler = make_scheduler(optimizer, schedule)
 
@@ -239,6 +246,7 @@ def train(args: PretrainArguments) -> int:
             last_save, last_saved_step = time.monotonic(), step
         faults.after_step(step)
     bar.close()
+    faults.probe(model, accelerator)
     metrics.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -145,6 +145,9 @@ class TestFaults:
         kill@4     SIGKILL every rank right after step 4 (and its save) completed
     GENESIS_TEST_BATCH_LOG=<dir>: every rank appends {rank, step, micro, sha} of each micro-batch
     to <dir>/rank-R.jsonl, so a test can compare the tokens a run consumed.
+    GENESIS_TEST_PROBE=<file>: at the end of training, every rank runs the live (possibly sharded)
+    model on a fixed input and rank 0 saves its logits there (torch.save), so a test can compare
+    an export of the last checkpoint with the model that trained.
     """
 
     ENV = "GENESIS_TEST_FAULTS"
@@ -177,6 +180,22 @@ class TestFaults:
             sha = hashlib.sha256(batch.numpy().tobytes()).hexdigest()[:16]
             self.batch_log.write(json.dumps({"rank": self.rank, "step": step, "micro": micro, "sha": sha}) + "\n")
             self.batch_log.flush()
+
+    def probe(self, model, accelerator) -> None:
+        path = os.environ.get("GENESIS_TEST_PROBE")
+        if not path:
+            return
+        import torch  # not at the top: this module sets CUDA env vars before torch is imported
+
+        vocab = accelerator.unwrap_model(model).config.vocab_size
+        ids = (torch.arange(48, device=accelerator.device) * 7 % vocab)[None]  # (1, 48)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits  # every FSDP rank must take part in the forward
+        model.train(was_training)
+        if self.rank == 0:
+            torch.save({"input_ids": ids.cpu(), "logits": logits.float().cpu()}, path)
 
     def after_step(self, step: int) -> None:
         if self._hit("kill", step):
