@@ -86,9 +86,8 @@ def fsdp_summary(model, accelerator) -> str:
     precision of every unit, and the plugin's loading/state-dict settings (logged at start)."""
     from collections import Counter
 
-    from torch.distributed.fsdp import FSDPModule
-
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.distributed.fsdp import FSDPModule
 
     # A unit is a parameter group; one group may span several modules (Accelerate puts the tied
     # embedding/head and the final norm in one), and a wrapper around a wrapped layer owns none.
