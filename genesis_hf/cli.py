@@ -6,7 +6,7 @@ module when its subcommand runs so that `genesis --help` stays fast.
 
     genesis tokenizer train SOURCES... --vocab-size 49152 --output DIR
     genesis data prepare --mixture YAML --tokenizer DIR --output DIR
-    genesis export SRC DST [--format genesis|llama]
+    genesis export SRC DST [--format genesis|llama|gguf]
     genesis lr --config training/recipes/genesis-1b.yaml [--plot lr.png]
     genesis quickstart
     genesis align ...
@@ -20,11 +20,11 @@ import sys
 
 # name -> (module, one-line help). The module's cli_main parses the rest of argv.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "tokenizer": ("genesis_hf.tokenizer", "train a byte-fallback BPE tokenizer and report bytes per token"),
+    "tokenizer": ("genesis_hf.tokenizer", "train a byte-level BPE tokenizer and report bytes per token"),
     "data": ("training.data.prepare", "tokenise a mixture into checksummed uint16 shards"),
     "export": (
         "genesis_hf.export",
-        "turn a checkpoint or model folder into a from_pretrained folder (Genesis or Llama)",
+        "turn a checkpoint or model folder into a from_pretrained folder (Genesis or Llama) or a GGUF",
     ),
     "lr": ("training.schedule", "print or plot the learning-rate curve of a recipe before launch"),
     "quickstart": ("training.quickstart", "tokenizer, data, a tiny pretraining run on CPU, export, samples"),

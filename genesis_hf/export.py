@@ -3,12 +3,13 @@
     genesis export runs/1b/checkpoints/step-00040000 exports/1b-40k           # training checkpoint
     genesis export exports/1b-40k exports/1b-40k-llama --format llama         # stock LlamaForCausalLM
     genesis export some-llama-folder exports/back --format genesis            # and back
+    genesis export exports/1b-40k exports/1b-40k.gguf --format gguf --outtype q8_0   # llama.cpp, Ollama
 
 Genesis uses Llama's weight names and config field names, so conversion is a
 strict `load_state_dict` into the other class: any missing or unexpected
 weight is an error, never a silent partial copy. DST must not exist, and the
 folder is written under a temporary name and renamed, so a failed export leaves
-nothing half-written.
+nothing half-written. `--format gguf` writes one file (see `gguf_export.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from .configuration_genesis import GenesisConfig
+from .gguf_export import OUTTYPES, GGUFExportError, write_gguf
 from .modeling_genesis import GenesisForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ SHARED_FIELDS = (
     "mlp_bias",
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+FORMATS = ("genesis", "llama", "gguf")
 
 
 class ExportError(ValueError):
@@ -77,7 +80,12 @@ def llama_to_genesis_config(config: LlamaConfig, source: str = "config.json") ->
 def _model_type(src: Path) -> str:
     config_file = src / "config.json"
     if not config_file.is_file():
-        raise ExportError(f"{src} is neither a model folder (no config.json) nor a training checkpoint.")
+        found = sorted(p.name for p in src.iterdir())
+        shown = ", ".join(found[:8]) + (f", ... ({len(found)} entries)" if len(found) > 8 else "")
+        raise ExportError(
+            f"{src} is neither a model folder (no config.json) nor a training checkpoint (no manifest.json); "
+            f"found: {shown or 'nothing'}."
+        )
     try:
         return json.loads(config_file.read_text())["model_type"]
     except (json.JSONDecodeError, KeyError) as err:
@@ -121,11 +129,25 @@ def _is_training_checkpoint(src: Path) -> bool:
     return (src / "manifest.json").is_file()
 
 
-def export(src: str | Path, dst: str | Path, *, fmt: str = "genesis", push_to_hub: str | None = None) -> Path:
-    """Write `src` (model folder or training checkpoint) as a `fmt` model folder at `dst`."""
+def export(src: str | Path, dst: str | Path, *, fmt: str = "genesis", push_to_hub: str | None = None,
+           outtype: str | None = None) -> Path:
+    """Write `src` (model folder or training checkpoint) as a `fmt` model folder at `dst`, or for
+    fmt "gguf" as one GGUF file with 2-D weights in `outtype` (f32, bf16, f16 (default), q8_0)."""
     src, dst = Path(src), Path(dst)
-    if fmt not in ("genesis", "llama"):
-        raise ExportError(f"--format must be 'genesis' or 'llama', got {fmt!r}.")
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
+    if fmt == "gguf":
+        outtype = outtype or "f16"
+        if outtype not in OUTTYPES:
+            raise ExportError(f"--outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}.")
+        if dst.suffix != ".gguf":
+            raise ExportError(f"{dst}: --format gguf writes one file; name it *.gguf.")
+        if push_to_hub:
+            raise ExportError("--push-to-hub uploads folders; upload the .gguf with `hf upload REPO FILE`.")
+    elif outtype is not None:
+        raise ExportError(f"--outtype applies to --format gguf only (got --format {fmt}).")
+    elif dst.suffix == ".gguf":
+        raise ExportError(f"{dst}: a .gguf name for a {fmt} folder; did you mean --format gguf?")
     if not src.is_dir():
         raise ExportError(f"{src}: no such folder.")
     if dst.exists():
@@ -139,10 +161,18 @@ def export(src: str | Path, dst: str | Path, *, fmt: str = "genesis", push_to_hu
         shutil.rmtree(staging, ignore_errors=True)
         export_checkpoint(src, staging)
         try:
-            return export(staging, dst, fmt=fmt, push_to_hub=push_to_hub)
+            return export(staging, dst, fmt=fmt, push_to_hub=push_to_hub, outtype=outtype)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    if fmt == "gguf":
+        model = convert_model(src, "llama")  # Llama names; a strict load proves the mapping is complete
+        try:
+            write_gguf(model.state_dict(), model.config, src, dst, outtype=outtype, name=src.name)
+        except GGUFExportError as err:
+            raise ExportError(str(err)) from err
+        logger.info("exported %s -> %s (gguf, %s)", src, dst, outtype)
+        return dst
     model = convert_model(src, fmt)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -175,12 +205,18 @@ def cli_main(argv: list[str] | None = None) -> int:
         description="Turn a training checkpoint or a model folder into a from_pretrained-ready folder.",
     )
     parser.add_argument("src", help="a training checkpoint (checkpoints/step-N) or a model folder")
-    parser.add_argument("dst", help="the folder to write; must not exist")
+    parser.add_argument("dst", help="the folder (or, for gguf, the .gguf file) to write; must not exist")
     parser.add_argument(
         "--format",
-        choices=("genesis", "llama"),
+        choices=FORMATS,
         default="genesis",
-        help="genesis: GenesisForCausalLM (default); llama: a stock LlamaForCausalLM with the same weights",
+        help="genesis: GenesisForCausalLM (default); llama: a stock LlamaForCausalLM with the same weights; "
+        "gguf: one file for llama.cpp and Ollama",
+    )
+    parser.add_argument(
+        "--outtype",
+        default=None,
+        help=f"gguf only: type of the 2-D weights, one of {', '.join(OUTTYPES)} (default f16); norms stay f32",
     )
     parser.add_argument(
         "--push-to-hub",
@@ -190,12 +226,13 @@ def cli_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out = export(args.src, args.dst, fmt=args.format, push_to_hub=args.push_to_hub)
+        out = export(args.src, args.dst, fmt=args.format, push_to_hub=args.push_to_hub, outtype=args.outtype)
     except ExportError as err:
         print(f"genesis export: error: {err}")
         return 2
-    print(f"exported {args.src} -> {out} ({args.format})")
+    kind = f"gguf, {args.outtype or 'f16'}" if args.format == "gguf" else args.format
+    print(f"exported {args.src} -> {out} ({kind})")
     return 0
 
 
-__all__ = ["ExportError", "convert_model", "export", "genesis_to_llama_config", "llama_to_genesis_config"]
+__all__ = ["FORMATS", "ExportError", "convert_model", "export", "genesis_to_llama_config", "llama_to_genesis_config"]

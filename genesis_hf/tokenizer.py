@@ -179,7 +179,7 @@ def _iter_sources(sources, field: str, sample_bytes: int | None) -> Iterator[tup
 # ----------------------------------------------------------------------------- training
 
 
-def _pre_tokenizer():
+def byte_level_pre_tokenizer():
     # Split on raw characters first, then spell each piece in GPT-2's byte alphabet (no second regex).
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
@@ -200,7 +200,7 @@ def _assemble(trained: Tokenizer) -> Tokenizer:
     vocab.update({tok: len(fixed) + i for i, tok in enumerate(learned)})
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False, ignore_merges=False))
-    tok.pre_tokenizer = _pre_tokenizer()
+    tok.pre_tokenizer = byte_level_pre_tokenizer()
     tok.decoder = decoders.ByteLevel()  # byte alphabet -> bytes -> UTF-8; nothing stripped
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok
@@ -293,7 +293,7 @@ def train_tokenizer(
 
     t0 = time.perf_counter()
     base = Tokenizer(models.BPE())
-    base.pre_tokenizer = _pre_tokenizer()
+    base.pre_tokenizer = byte_level_pre_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(SPECIAL_TOKENS),  # the 256 bytes count: they are the initial alphabet
         min_frequency=min_frequency,
