@@ -6,6 +6,7 @@
 Writes its section of docs/benchmarks.md. Reported:
 - training step (forward + backward): tokens/s and peak memory, ratio Genesis / Llama;
 - generation with the KV cache (greedy, batch 1): tokens/s, ratio;
+- train step with each decoder layer torch.compile'd, against eager (both models);
 - the loss alone at vocab 49,152 over a 4 x 2048 batch: peak memory of `causal_lm_loss`
   against plain `F.cross_entropy` on the full logits (target: at most half);
 - on a GPU: the 1B config with activation checkpointing, tokens/s, MFU and peak memory.
@@ -133,6 +134,41 @@ def cpu_tables(reps: int) -> str:
     return "\n".join(lines)
 
 
+def compile_table(reps: int) -> str:
+    """Train-step speed with each decoder layer `torch.compile`d (inductor), against eager, for
+    Genesis and Llama with the same weights (how `torch_compile: true` runs in our scripts)."""
+    from training.fsdp import compile_decoder_layers
+
+    device = torch.device("cpu")
+    config = GenesisConfig(**CPU_SHAPE)
+    models = pair(config, device, torch.float32)
+    for model in models.values():
+        model.train()
+    batch, seq = 4, 256
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    eager = interleaved(models, lambda m: train_step(m, ids), reps, device)
+    start = time.perf_counter()
+    for model, cls in zip(models.values(), ("GenesisDecoderLayer", "LlamaDecoderLayer")):
+        compile_decoder_layers(model, cls)
+        train_step(model, ids)  # compiles (untimed)
+    compile_s = time.perf_counter() - start
+    compiled = interleaved(models, lambda m: train_step(m, ids), reps, device)
+    lines = [
+        f"### torch.compile per decoder layer, CPU ({machine()})",
+        "",
+        f"Same shape as above, fp32, train step (fwd+bwd) on batch {batch} x {seq}; median of {reps} interleaved "
+        f"repetitions before and after compiling each decoder layer (inductor; compiling both models took "
+        f"{compile_s:.0f} s, untimed).",
+        "",
+        "| model | eager tokens/s | compiled tokens/s | compiled / eager |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name in models:
+        lines.append(f"| {name} | {batch * seq / eager[name]:,.0f} | {batch * seq / compiled[name]:,.0f} | "
+                     f"**{eager[name] / compiled[name]:.2f}x** |")
+    return "\n".join(lines)
+
+
 def loss_table(reps: int) -> str:
     """The loss alone at the 1B's vocabulary and micro-batch: chunked vs plain cross-entropy."""
     device = torch.device("cpu")
@@ -220,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    sections = [cpu_tables(args.reps), loss_table(args.reps)]
+    sections = [cpu_tables(args.reps), compile_table(args.reps), loss_table(args.reps)]
     if args.gpu:
         if not torch.cuda.is_available():
             parser.error("--gpu needs CUDA")
