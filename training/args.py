@@ -105,6 +105,23 @@ class PretrainArguments:
     reset_optimizer: bool = field(default=False, metadata={"help": "Resume without AdamW state (deliberate; logged)."})
     checkpoint_verify: Literal["sha256", "size"] = field(default="sha256", metadata={"help": "How a resume checks files."})
     save_timeout_minutes: float = field(default=30.0, metadata={"help": "Watchdog on one save or load."})
+    save_mode: Literal["sync", "async"] = field(
+        default="sync",
+        metadata={"help": "async: training waits only while the state is copied to host memory; writing, "
+                  "fsync, manifest and commit run in the background (one save in flight at most)."},
+    )
+
+    # ---- Hub (transformers' TrainingArguments names) -----------------------------------
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload each committed checkpoint's export to the Hub (needs HF_TOKEN)."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "owner/name of the Hub model repo."})
+    hub_strategy: Literal["every_save", "checkpoint", "end"] = field(
+        default="every_save",
+        metadata={"help": "every_save: each commit's export (branch step-XXXXXXXX, main follows); checkpoint: "
+                  "also the sharded training checkpoint, for --resume from the Hub; end: the last one only."},
+    )
+    hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the repo private."})
+    hub_revision: str | None = field(default=None, metadata={"help": "Branch that follows the newest upload (default main)."})
+    hub_exit_timeout_minutes: float = field(default=30.0, metadata={"help": "At exit, wait at most this long for uploads in flight."})
 
     # ---- reliability -----------------------------------------------------------------
     nonfinite_policy: Literal["stop", "skip"] = field(

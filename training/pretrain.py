@@ -55,6 +55,7 @@ from training.fsdp import (  # noqa: E402
     require_granted_fsdp,
     use_genesis_policy,
 )
+from training.hub_sync import HubSync  # noqa: E402
 from training.inspection.evaluate import evaluate_model, token_byte_lengths  # noqa: E402
 from training.metrics import MetricsLogger, scrub  # noqa: E402
 from training.reliability import SpikeGuard, TestFaults, startup_check  # noqa: E402
@@ -153,6 +154,7 @@ def train(args: PretrainArguments) -> int:
     for note in _LAUNCH_NOTES:
         logger.info("launch environment: %s", note)
     require_granted_fsdp(accelerator)  # never train unsharded when the config asked for FSDP
+    hub = HubSync.from_args(args, is_main=main_proc)  # push_to_hub flags refused here, before any work
     latency = startup_check(accelerator, args.startup_check_timeout_s)
     logger.info("start-up all-reduce over %d process(es): %.3fs (%s)", world, latency, accelerator.distributed_type)
 
@@ -235,6 +237,8 @@ def train(args: PretrainArguments) -> int:
             if args.eval_steps and (step % args.eval_steps == 0 or step == args.max_steps):
                 record |= evaluate(model, val, byte_lengths)
             metrics.log(record)
+            for event in hub.events() if hub is not None else ():
+                metrics.log(event)
             bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}", tok_s=f"{record['tok_s']:.0f}")
 
         # Save decision: by steps, by wall time (rank 0's clock, agreed by every rank), at the end.
@@ -242,11 +246,18 @@ def train(args: PretrainArguments) -> int:
         due = (args.save_steps and step % args.save_steps == 0) or step == args.max_steps
         flag = torch.tensor([float(due or (time_due and main_proc))])
         if all_reduce_sum(flag, accelerator.device).item() > 0:
-            save(args, ckpt_root, step, model, optimizer, scheduler, loader, train_state, meta)
+            path = save(args, ckpt_root, step, model, optimizer, scheduler, loader, train_state, meta)
+            if hub is not None:
+                hub.submit(path, step, {"loss": res.loss, "tokens": train_state["tokens_seen"]})
             last_save, last_saved_step = time.monotonic(), step
         faults.after_step(step)
     bar.close()
     faults.probe(model, accelerator)
+    if hub is not None:
+        for what in hub.close(args.hub_exit_timeout_minutes * 60):
+            logger.warning("hub upload not finished at exit: %s", what)
+        for event in hub.events():
+            metrics.log(event)
     metrics.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
