@@ -119,6 +119,8 @@ def read_metrics(out: Path) -> dict[int, dict]:
     if path.exists():
         for line in path.read_text().splitlines():
             r = json.loads(line)
+            if r.get("event") not in (None, "stopped"):  # side records: checkpoint saves, hub uploads, plans
+                continue
             records[r["step"]] = r
     return records
 
