@@ -8,6 +8,8 @@ Field names are transformers' own, so the weights and the config map 1:1 onto
 
 from __future__ import annotations
 
+import sys
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
@@ -127,6 +129,23 @@ class GenesisConfig(PreTrainedConfig):
     def num_key_value_groups(self) -> int:
         """Query heads that share one key/value head."""
         return self.num_attention_heads // self.num_key_value_heads
+
+    def to_dict(self):
+        # PEFT reads `model.config.to_dict()` just before it looks up default targets by model_type.
+        _register_with_peft()
+        return super().to_dict()
+
+
+def _register_with_peft() -> None:
+    """Give "genesis" Llama's PEFT defaults (same module names), so a plain `LoraConfig()` or
+    `trl sft --use_peft` targets q_proj and v_proj as for a Llama. This file also ships with the
+    weights, so it works under trust_remote_code too. Never imports PEFT: acts once it is loaded."""
+    constants = sys.modules.get("peft.utils.constants")
+    if constants is None:
+        return
+    for name, mapping in vars(constants).items():
+        if name.startswith("TRANSFORMERS_MODELS_TO_") and isinstance(mapping, dict) and "llama" in mapping:
+            mapping.setdefault(GenesisConfig.model_type, mapping["llama"])
 
 
 __all__ = ["GenesisConfig"]
