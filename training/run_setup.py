@@ -170,7 +170,8 @@ def _resolve_schedule(saved: LRSchedule, args: PretrainArguments, step: int, ove
 
 def restore(args, accelerator, model, optimizer, scheduler, loader, meta, ckpt_root: Path):
     """Resume per args.resume: refuse on any mismatch, restore everything, return (train_state, audit).
-    None for a fresh start. Nothing has trained when this raises."""
+    None for a fresh start. Nothing has trained when this raises. `hub:owner/name@step-XXXXXXXX` is
+    downloaded first (training/hub_sync.py) and then resumed like any local checkpoint."""
     from training.checkpoint import (
         CheckpointError,
         check_resume_compatible,
@@ -179,7 +180,12 @@ def restore(args, accelerator, model, optimizer, scheduler, loader, meta, ckpt_r
         resolve_resume,
     )
 
-    path = resolve_resume(args.resume, ckpt_root)
+    resume = args.resume
+    if resume and str(resume).startswith("hub:"):  # downloaded into the run folder, then the local path
+        from training.hub_sync import resolve_hub_resume
+
+        resume = resolve_hub_resume(resume, args.output_dir, accelerator)
+    path = resolve_resume(resume, ckpt_root)
     if path is None:
         if args.resume:
             logger.info("--resume %s: no committed checkpoint under %s, starting fresh", args.resume, ckpt_root)
@@ -212,6 +218,8 @@ def restore(args, accelerator, model, optimizer, scheduler, loader, meta, ckpt_r
     audit.update(checkpoint=str(path), step=step, tokens_seen=train_state["tokens_seen"], next_lr=lr, lr_schedule=how,
                  overrides_used=used + (["lr_schedule"] if schedule_override else []),
                  reset_optimizer=args.reset_optimizer, data_state=_data_summary(out["data_state"]))
+    if resume != args.resume:
+        audit["downloaded_from"] = args.resume
     return train_state, audit
 
 
