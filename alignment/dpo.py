@@ -14,6 +14,11 @@ Pairs come from `genesis align pairs` (sampled answers ranked by the constitutio
 preference dataset in TRL's format (prompt/chosen/rejected, conversational or plain, explicit or
 implicit prompt). The reference model is the starting policy unless `ref_model_name_or_path` says
 otherwise; TRL loads it from the same folder.
+
+FSDP, precision and `torch_compile` follow alignment/sft.py: the refusal and the precision policy
+apply before DPOTrainer wraps the reference model (in its __init__), and `torch_compile: true`
+compiles the policy's decoder layers, not the reference model's (forward only, and run once per
+batch), in place of the Trainer's whole-model compile.
 """
 
 from __future__ import annotations
@@ -25,7 +30,16 @@ from pathlib import Path
 from alignment.constitution import DEFAULT_CONSTITUTION, load_constitution, record_in_model_card
 from alignment.data import load_preference_dataset
 from alignment.generate import require_chat_template
-from alignment.sft import save_final
+from alignment.sft import (
+    card_summary,
+    compile_layers,
+    end_run,
+    fsdp_report,
+    genesis_trainer,
+    run_script,
+    save_final,
+    take_compile,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +97,17 @@ def main(script_args: DPOScriptArguments, training_args, model_args) -> dict:
         ref_model = AutoModelForCausalLM.from_pretrained(
             script_args.ref_model_name_or_path, **training_args.model_init_kwargs
         )
-    trainer = DPOTrainer(
+    compile_kwargs = take_compile(training_args)
+    trainer = genesis_trainer(DPOTrainer)(  # FSDP: the reference model is wrapped in here, under our policy
         model=model_args.model_name_or_path,
         ref_model=ref_model,
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,
     )
+    compiled = compile_layers(trainer.model, compile_kwargs) if compile_kwargs else 0  # the policy, not the reference
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    report = fsdp_report(trainer, compiled)
 
     save_final(trainer, tokenizer, training_args.output_dir)
     margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
@@ -100,12 +117,12 @@ def main(script_args: DPOScriptArguments, training_args, model_args) -> dict:
             training_args.output_dir, constitution, "dpo",
             {"sft_model": model_args.model_name_or_path, "data": data_stats, "train_loss": result.training_loss,
              "reward_margin_first_last": [margins[0], margins[-1]] if margins else None, "beta": training_args.beta,
-             "steps": trainer.state.global_step},
+             "steps": trainer.state.global_step, "distributed": card_summary(report)},
         )
-    if hasattr(trainer, "end"):
-        trainer.end()
+    end_run(trainer)
     return {"output_dir": training_args.output_dir, "train_loss": result.training_loss, "reward_margins": margins,
-            "log_history": trainer.state.log_history, "data": data_stats}
+            "log_history": trainer.state.log_history, "data": data_stats,
+            "distributed": report}
 
 
 def make_parser():
@@ -119,5 +136,4 @@ def parse(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main(*parse())
+    run_script(main, parse)

@@ -9,6 +9,14 @@ A tiny run on CPU (seconds):
 
     python alignment/sft.py --config alignment/recipes/sft-tiny.yaml --model_name_or_path MODEL_DIR
 
+Under FSDP (training/fsdp.py, the same rules as pretraining): a config that asks for FSDP where
+Accelerate does not give it is refused before anything trains; Genesis's precision policy (bf16
+compute, fp32 gradient reduction and accumulation, fp32 loss) replaces Accelerate's all-bf16
+default the moment the Trainer's Accelerator exists, before any model is wrapped; the final save
+gathers a full state dict (`save_final`). `torch_compile: true` compiles each decoder layer in
+place (`compile_decoder_layers`) and turns the Trainer's own whole-model compile off:
+`torch_compile_backend` / `torch_compile_mode` go to the per-layer compile.
+
 Defaults < recipe YAML < command line (TrlParser). Loss is on assistant turns only (the
 tokenizer's ChatML template marks them with {% generation %}), sequences are packed, and the
 saved folder's model card records the constitution (version and principles).
@@ -16,7 +24,11 @@ saved folder's model card records the constitution (version and principles).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +37,13 @@ import yaml
 from alignment.constitution import DEFAULT_CONSTITUTION, load_constitution, record_in_model_card
 from alignment.data import DataError, load_sft_dataset, resolve_path
 from alignment.generate import require_chat_template, set_chat_stop_tokens
+from training.fsdp import (
+    compile_decoder_layers,
+    describe_policy,
+    fsdp_policies,
+    require_granted_fsdp,
+    use_genesis_policy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +106,144 @@ def load_mixture(script_args, tokenizer):
                                          "truncated": sum(s["truncated"] for s in stats)}
 
 
+def genesis_trainer(trainer_cls):
+    """`trainer_cls` (SFTTrainer, DPOTrainer) applying Genesis's FSDP rules as soon as its Accelerator
+    exists: refuse a config that asked for FSDP and did not get it, then install the precision policy.
+    Not later: DPOTrainer wraps its reference model with `fully_shard` inside its own __init__."""
+
+    class Trainer(trainer_cls):
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            require_granted_fsdp(self.accelerator)
+            use_genesis_policy(self.accelerator)
+
+    Trainer.__name__ = Trainer.__qualname__ = f"Genesis{trainer_cls.__name__}"
+    return Trainer
+
+
+def take_compile(training_args) -> dict | None:
+    """torch.compile kwargs for `compile_layers` if the config asked for `torch_compile`, which is then
+    turned off on the args: the Trainer would otherwise compile the whole (FSDP-wrapped) model."""
+    if not training_args.torch_compile:
+        return None
+    kwargs = {"backend": training_args.torch_compile_backend or "inductor"}
+    if training_args.torch_compile_mode:
+        kwargs["mode"] = training_args.torch_compile_mode
+    # The Trainer builds its TorchDynamoPlugin from the backend: clear it too.
+    training_args.torch_compile, training_args.torch_compile_backend, training_args.torch_compile_mode = False, None, None
+    return kwargs
+
+
+def compile_layers(model, compile_kwargs: dict) -> int:
+    """Per-decoder-layer compile, in place, before the Trainer's `prepare` wraps the model."""
+    layer_cls = sorted(getattr(model, "_no_split_modules", None) or ["GenesisDecoderLayer"])[0]
+    n = compile_decoder_layers(model, layer_cls, **compile_kwargs)
+    logger.info("torch_compile: %d %s layers compiled (%s)", n, layer_cls, compile_kwargs)
+    return n
+
+
+def fsdp_report(trainer, compiled_layers: int = 0) -> dict:
+    """How this rank ran: the distributed type and the MixedPrecisionPolicy of every module that
+    `fully_shard` wrapped (the policy and, for DPO, the reference model). Logged by every rank."""
+    policies = {}
+    for tag in ("model", "ref_model"):
+        model = getattr(trainer, tag, None)
+        if model is not None:
+            policies |= {f"{tag}.{name}": describe_policy(p) for name, p in fsdp_policies(model).items()}
+    report = {"rank": trainer.accelerator.process_index, "processes": trainer.accelerator.num_processes,
+              "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
+              "mixed_precision": trainer.accelerator.mixed_precision, "compiled_layers": compiled_layers,
+              # "NO" unless the Trainer compiled the whole model (take_compile turns that off)
+              "whole_model_compile": str(trainer.accelerator.state.dynamo_plugin.backend).split(".")[-1],
+              "fsdp_policies": policies}
+    logger.info("distributed report: %s", json.dumps(report, sort_keys=True))
+    return report
+
+
+def card_summary(report: dict) -> dict:
+    """The model card's (and lineage's) view of `fsdp_report`: no per-module list."""
+    return {"processes": report["processes"], "distributed_type": report["distributed_type"],
+            "mixed_precision": report["mixed_precision"], "compiled_layers": report["compiled_layers"],
+            "fsdp_precision": sorted(set(report["fsdp_policies"].values())),
+            "fsdp_wrapped_modules": len(report["fsdp_policies"])}
+
+
 def save_final(trainer, tokenizer, output_dir: str) -> None:
     """Save a `from_pretrained` folder that stops generation on <|im_end|>, on every rank (FSDP needs all).
 
     The pretraining FSDP config keeps SHARDED_STATE_DICT (DCP) for checkpoints; the final model is
-    one gather to a full state dict on rank 0 (CPU offload) so the folder loads anywhere.
+    one gather to a full state dict on rank 0 (CPU offload) so the folder loads anywhere. It is
+    written through an empty (meta) instance of the model's own class: `fully_shard` swaps the live
+    model's class for a generated `FSDP<Class>` whose module is torch's, and saving that would copy
+    torch's FSDP sources into the folder and point config.json's auto_map at them.
     """
-    if trainer.is_fsdp_enabled:
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    set_chat_stop_tokens(trainer.accelerator.unwrap_model(trainer.model), tokenizer)
-    trainer.save_model(output_dir)
+    import torch
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    set_chat_stop_tokens(model, tokenizer)
+    if not trainer.is_fsdp_enabled:
+        trainer.save_model(output_dir)
+        return
+    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank; full on rank 0
+    if trainer.accelerator.is_main_process:
+        from torch.distributed.fsdp import FSDPModule
+
+        plain_cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+        if model.config.get_text_config().tie_word_embeddings:  # gathered copies of one tensor: keep one
+            for tied, source in (getattr(plain_cls, "_tied_weights_keys", None) or {}).items():
+                if tied in state_dict and source in state_dict and torch.equal(state_dict[tied], state_dict[source]):
+                    del state_dict[tied]
+        with torch.device("meta"):
+            shell = plain_cls(model.config)
+        shell.generation_config = model.generation_config
+        shell.save_pretrained(output_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(output_dir)
+        torch.save(trainer.args, Path(output_dir) / "training_args.bin")  # as Trainer.save_model does
+    trainer.accelerator.wait_for_everyone()
+
+
+_KEEP_ALIVE: list = []  # a multi-process run's trainer, alive until os._exit (end_run)
+
+
+def end_run(trainer) -> None:
+    """The end of a run. One process: `trainer.end()`. Several: finish wandb, and keep the trainer
+    (model, DDP reducer, process group) alive for `run_script`'s os._exit, with no teardown at all.
+
+    Why: a gloo worker thread can still hold the last reference to the final all-gather's work (its
+    Python tensors: the decref needs the GIL) when the main thread, holding the GIL, frees the
+    trainer -> DDP's reducer -> the process group -> joins that worker: a deadlock. Under CPU load
+    (the worker thread not scheduled for a while) 2-rank launches stalled this way after training
+    (py-spy: main thread in ~ProcessGroupGloo -> std::thread::join under `main(*parse())` returning;
+    worker in ~AsyncAllgatherWork waiting for the GIL). `trainer.end()` (destroy_process_group) can
+    drop the last reference the same way, so it is not called either; the OS closes the sockets."""
+    if trainer.accelerator.num_processes == 1:
+        trainer.end()
+        return
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()  # its atexit hook will not run
+    _KEEP_ALIVE.append(trainer)
+
+
+def run_script(main, parse) -> None:
+    """`python alignment/<stage>.py ...` / `accelerate launch ... alignment/<stage>.py ...`: run
+    `main`, then, when several processes ran, flush and `os._exit` (success or failure) instead of
+    tearing down the interpreter (see `end_run`)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        main(*parse())
+        return
+    rc = 0
+    try:
+        main(*parse())
+    except Exception:  # noqa: BLE001  (printed, then a non-zero exit that no destructor can block)
+        traceback.print_exc()
+        rc = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def main(script_args: SFTScriptArguments, training_args, model_args) -> dict:
@@ -123,13 +270,16 @@ def main(script_args: SFTScriptArguments, training_args, model_args) -> dict:
         dtype=model_args.dtype,
     )
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
-    trainer = SFTTrainer(
+    compile_kwargs = take_compile(training_args)
+    trainer = genesis_trainer(SFTTrainer)(
         model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,
     )
+    compiled = compile_layers(trainer.model, compile_kwargs) if compile_kwargs else 0
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    report = fsdp_report(trainer, compiled)
 
     save_final(trainer, tokenizer, training_args.output_dir)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -138,12 +288,12 @@ def main(script_args: SFTScriptArguments, training_args, model_args) -> dict:
         record_in_model_card(
             training_args.output_dir, constitution, "sft",
             {"base_model": model_args.model_name_or_path, "data": data_stats, "train_loss": result.training_loss,
-             "loss_first_last": [losses[0], losses[-1]] if losses else None, "steps": trainer.state.global_step},
+             "loss_first_last": [losses[0], losses[-1]] if losses else None, "steps": trainer.state.global_step,
+             "distributed": card_summary(report)},
         )
-    if hasattr(trainer, "end"):
-        trainer.end()
+    end_run(trainer)
     return {"output_dir": training_args.output_dir, "train_loss": result.training_loss,
-            "log_history": trainer.state.log_history, "data": data_stats}
+            "log_history": trainer.state.log_history, "data": data_stats, "distributed": report}
 
 
 def make_parser():
@@ -157,5 +307,4 @@ def parse(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main(*parse())
+    run_script(main, parse)

@@ -102,3 +102,26 @@ def test_dpo_prefers_curious_answers_on_held_out_pairs(trained):
     pref = {stage: preference_margin(*load_model_and_tokenizer(root / stage, device="cpu"), pairs) for stage in ("sft", "dpo")}
     assert pref["dpo"]["pref_margin"] > pref["sft"]["pref_margin"] + 0.05, pref
     assert pref["dpo"]["pref_accuracy"] >= 0.75, pref
+
+
+def test_torch_compile_compiles_each_decoder_layer_not_the_whole_model(tmp_path):
+    """`torch_compile` in a TRL config: the scripts compile every decoder layer in place and turn the
+    Trainer's whole-model compile off. The `eager` dynamo backend traces the same graphs as inductor
+    without its C++ builds; its losses equal the uncompiled run's."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    base = make_model_folder(tmp_path)
+    out = {}
+    for name, extra in (("eager", []), ("compiled", ["--torch_compile_backend", "eager"])):
+        counters.clear()
+        out[name] = sft.main(*sft.parse([
+            "--config", str(RECIPES / "sft-tiny.yaml"), "--model_name_or_path", str(base), "--max_steps", "3",
+            "--dataset_name", str(DATA_DIR / "sft_conversations.jsonl"), "--output_dir", str(tmp_path / name),
+            *extra]))
+    assert out["eager"]["distributed"]["compiled_layers"] == 0
+    assert out["compiled"]["distributed"]["compiled_layers"] == 2  # both GenesisDecoderLayers
+    assert out["compiled"]["distributed"]["whole_model_compile"] == "NO"
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters)
+    losses = {k: [h["loss"] for h in v["log_history"] if "loss" in h] for k, v in out.items()}
+    torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=1e-5, atol=1e-5)
