@@ -375,9 +375,15 @@ class HubSync:
             raise _Final(f"export of {job.source} failed: {e}") from e
         details = card_details(meta, train_state, job.source)
         details["last training loss"] = job.summary.get("loss", details["last training loss"])
+        if isinstance(job.summary.get("tokens"), int):
+            details["tokens seen"] = f"{job.summary['tokens']:,}"
         if (bpb := job.summary.get("val_bpb")) is None:
             bpb = self._val_bpb(job.step)
-        details["validation bits per byte"] = (f"`{json.dumps(bpb, sort_keys=True)}`" if bpb else "not measured")
+        details["validation bits per byte"] = "not measured"
+        if bpb:
+            at = bpb.pop("at step")
+            details["validation bits per byte"] = ", ".join(f"{s} {v:.4f}" for s, v in sorted(bpb.items())) + \
+                f" (at step {at})"
         details["lineage"] = self._lineage(job, train_state)
         config = GenesisConfig.from_pretrained(job.export)
         card = write_model_card(job.export, config, details)
