@@ -120,7 +120,14 @@ class MetricsLogger:
         # One line per step, flushed: a SIGKILL loses at most the line being written.
         self._fh.write(json.dumps(record, sort_keys=True) + "\n")
         self._fh.flush()
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and record.get("event") not in (None, "stopped"):
+            # A side record (a checkpoint save, the save plan, a Hub upload) is no training step:
+            # it goes to the run's summary (latest values, under the event's name), never into the
+            # step history, whose rows are one per step. metrics.jsonl keeps every one of them.
+            for k, v in record.items():
+                if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+                    self.wandb_run.summary[f"{record['event']}/{k}"] = v
+        elif self.wandb_run is not None:
             flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
             for src, n in (record.get("tokens_by_source") or {}).items():
                 flat[f"tokens/{src}"] = n

@@ -49,6 +49,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from training.args import ConfigError, PretrainArguments, parse_args  # noqa: E402
 from training.checkpoint import CheckpointError  # noqa: E402
+from training.checkpoint.async_save import Checkpointer, plan_mode  # noqa: E402
+from training.checkpoint.layout import step_dirname  # noqa: E402
 from training.fsdp import (  # noqa: E402
     compile_decoder_layers,
     fsdp_summary,
@@ -181,6 +183,18 @@ def train(args: PretrainArguments) -> int:
     scheduler = make_scheduler(optimizer, schedule)
 
     ckpt_root = Path(args.output_dir) / "checkpoints"
+    save_mode, save_plan = plan_mode(args.save_mode, model)  # async needs each rank's shard in host memory
+    if save_mode != args.save_mode:
+        logger.warning("save_mode %s -> %s: %s", args.save_mode, save_mode, save_plan["reason"])
+    summaries: dict[int, dict] = {}  # step -> what the Hub card says of it, until its commit
+
+    def on_commit(path: Path, saved_step: int) -> None:  # the training thread (sync) or the save's (async)
+        logger.info("step %d: checkpoint committed at %s", saved_step, path)
+        if hub is not None:
+            hub.submit(path, saved_step, summaries.pop(saved_step, {}))
+
+    checkpointer = Checkpointer(ckpt_root, mode=save_mode, keep_last=args.keep_last,
+                                timeout_s=args.save_timeout_minutes * 60, on_commit=on_commit)
     train_state = {"step": 0, "tokens_seen": 0, "lr_schedule": schedule.to_dict(), "skipped_steps": 0,
                    "loss_history": [], "last_loss": None, "parent_checkpoint": None}
     resumed = restore(args, accelerator, model, optimizer, scheduler, loader, meta, ckpt_root)
@@ -193,6 +207,7 @@ def train(args: PretrainArguments) -> int:
     metrics = MetricsLogger(args.output_dir, enabled=main_proc, report_to=args.report_to,
                             project=args.wandb_project, run_name=args.run_name,
                             config=scrub(dataclasses.asdict(args) | {"model": meta["model_config"]}))
+    metrics.log(save_plan)
     tokens_per_step = meta["tokens_per_step"]
     bar = tqdm(total=args.max_steps, initial=step, disable=not (main_proc and args.progress_bar),
                desc="pretrain", unit="step", dynamic_ncols=True)
@@ -202,56 +217,61 @@ def train(args: PretrainArguments) -> int:
     last_save, consecutive_skips, window_t, window_steps = time.monotonic(), 0, 0.0, 0
     last_saved_step = step if resumed is not None else -1
     exit_code = 0
-    while step < args.max_steps:
-        t0 = time.monotonic()
-        res = train_step(model, optimizer, scheduler, loader, accelerator, args, guard, faults, step + 1, vocab_size)
-        window_t += time.monotonic() - t0
-        window_steps += 1
-        if res.problem is not None:
-            consecutive_skips += 1
-            train_state["skipped_steps"] += 1
-            msg = (f"step {step + 1}: {res.problem} (loss {res.loss}, grad_norm {res.grad_norm}); optimizer step "
-                   f"NOT taken; policy {args.nonfinite_policy}")
-            if args.nonfinite_policy == "stop" or consecutive_skips > args.max_consecutive_skips:
-                logger.error("%s -> stopping; no checkpoint of this state is written (last: step %s)",
-                             msg, last_saved_step if last_saved_step >= 0 else "none")
-                metrics.log({"step": step + 1, "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
-                             "event": "stopped", "problem": res.problem, "policy": args.nonfinite_policy})
-                exit_code = EXIT_NONFINITE
-                break
-            logger.warning("%s -> skipped (%d in a row)", msg, consecutive_skips)
-        else:
-            consecutive_skips = 0
-        step += 1
-        train_state.update(step=step, tokens_seen=train_state["tokens_seen"] + tokens_per_step,
-                           loss_history=list(guard.history), last_loss=res.loss)
-        bar.update(1)
+    with close_on_error(checkpointer):  # a failing run still lets the save in flight commit
+        while step < args.max_steps:
+            t0 = time.monotonic()
+            res = train_step(model, optimizer, scheduler, loader, accelerator, args, guard, faults, step + 1, vocab_size)
+            window_t += time.monotonic() - t0
+            window_steps += 1
+            if res.problem is not None:
+                consecutive_skips += 1
+                train_state["skipped_steps"] += 1
+                msg = (f"step {step + 1}: {res.problem} (loss {res.loss}, grad_norm {res.grad_norm}); optimizer step "
+                       f"NOT taken; policy {args.nonfinite_policy}")
+                if args.nonfinite_policy == "stop" or consecutive_skips > args.max_consecutive_skips:
+                    logger.error("%s -> stopping; no checkpoint of this state is written (last: step %s)",
+                                 msg, last_saved_step if last_saved_step >= 0 else "none")
+                    metrics.log({"step": step + 1, "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
+                                 "event": "stopped", "problem": res.problem, "policy": args.nonfinite_policy})
+                    exit_code = EXIT_NONFINITE
+                    break
+                logger.warning("%s -> skipped (%d in a row)", msg, consecutive_skips)
+            else:
+                consecutive_skips = 0
+            step += 1
+            train_state.update(step=step, tokens_seen=train_state["tokens_seen"] + tokens_per_step,
+                               loss_history=list(guard.history), last_loss=res.loss)
+            bar.update(1)
 
-        if step % args.logging_steps == 0 or step == args.max_steps or res.problem:
-            record = {"step": step, "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
-                      "tokens": train_state["tokens_seen"], "tokens_by_source": tokens_by_source(loader, accelerator)}
-            record |= speed_metrics(meta, window_steps * tokens_per_step, window_t, accelerator)
-            if res.problem:
-                record |= {"skipped": True, "problem": res.problem, "policy": args.nonfinite_policy}
-            window_t, window_steps = 0.0, 0
-            if args.eval_steps and (step % args.eval_steps == 0 or step == args.max_steps):
-                record |= evaluate(model, val, byte_lengths)
-            metrics.log(record)
-            for event in hub.events() if hub is not None else ():
+            if step % args.logging_steps == 0 or step == args.max_steps or res.problem:
+                record = {"step": step, "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
+                          "tokens": train_state["tokens_seen"], "tokens_by_source": tokens_by_source(loader, accelerator)}
+                record |= speed_metrics(meta, window_steps * tokens_per_step, window_t, accelerator)
+                if res.problem:
+                    record |= {"skipped": True, "problem": res.problem, "policy": args.nonfinite_policy}
+                window_t, window_steps = 0.0, 0
+                if args.eval_steps and (step % args.eval_steps == 0 or step == args.max_steps):
+                    record |= evaluate(model, val, byte_lengths)
+                metrics.log(record)
+                for event in hub.events() if hub is not None else ():
+                    metrics.log(event)
+                bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}", tok_s=f"{record['tok_s']:.0f}")
+
+            # Save decision: by steps, by wall time (rank 0's clock, agreed by every rank), at the end.
+            time_due = args.save_minutes > 0 and time.monotonic() - last_save >= args.save_minutes * 60
+            due = (args.save_steps and step % args.save_steps == 0) or step == args.max_steps
+            flag = torch.tensor([float(due or (time_due and main_proc))])
+            if all_reduce_sum(flag, accelerator.device).item() > 0:
+                summaries[step] = {"loss": res.loss, "tokens": train_state["tokens_seen"]}
+                save(args, checkpointer, step, model, optimizer, scheduler, loader, train_state, meta)
+                last_save, last_saved_step = time.monotonic(), step
+            for event in checkpointer.records():
                 metrics.log(event)
-            bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}", tok_s=f"{record['tok_s']:.0f}")
-
-        # Save decision: by steps, by wall time (rank 0's clock, agreed by every rank), at the end.
-        time_due = args.save_minutes > 0 and time.monotonic() - last_save >= args.save_minutes * 60
-        due = (args.save_steps and step % args.save_steps == 0) or step == args.max_steps
-        flag = torch.tensor([float(due or (time_due and main_proc))])
-        if all_reduce_sum(flag, accelerator.device).item() > 0:
-            path = save(args, ckpt_root, step, model, optimizer, scheduler, loader, train_state, meta)
-            if hub is not None:
-                hub.submit(path, step, {"loss": res.loss, "tokens": train_state["tokens_seen"]})
-            last_save, last_saved_step = time.monotonic(), step
-        faults.after_step(step)
+            faults.after_step(step)
     bar.close()
+    checkpointer.close()  # the process never ends before the save in flight has committed
+    for event in checkpointer.records():
+        metrics.log(event)
     faults.probe(model, accelerator)
     if hub is not None:
         for what in hub.close(args.hub_exit_timeout_minutes * 60):
@@ -271,6 +291,18 @@ def train(args: PretrainArguments) -> int:
     return exit_code
 
 
+@contextlib.contextmanager
+def close_on_error(checkpointer):
+    try:
+        yield
+    except BaseException:
+        try:
+            checkpointer.close()
+        except Exception as e:  # noqa: BLE001  (the original error is the one to report)
+            logger.error("while stopping: %s", e)
+        raise
+
+
 def tokens_by_source(loader, accelerator) -> dict[str, int]:
     """Per-source tokens consumed by ALL ranks (each loader counts its own)."""
     names = sorted(loader.tokens_by_source)
@@ -287,16 +319,14 @@ def evaluate(model, val: dict[str, list[torch.Tensor]], byte_lengths: torch.Tens
     return {"val_loss": {s: r["loss"] for s, r in res.items()}, "val_bpb": {s: r["bpb"] for s, r in res.items()}}
 
 
-def save(args, ckpt_root, step, model, optimizer, scheduler, loader, train_state, meta) -> Path:
-    from training.checkpoint import save_checkpoint
-
-    t0 = time.monotonic()
-    path = save_checkpoint(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                           train_state=dict(train_state), data_state=loader.state_dict(), meta=meta,
-                           keep_last=args.keep_last, timeout_s=args.save_timeout_minutes * 60)
-    train_state["parent_checkpoint"] = str(path)
-    logger.info("step %d: checkpoint committed at %s in %.1fs", step, path, time.monotonic() - t0)
-    return path
+def save(args, checkpointer, step, model, optimizer, scheduler, loader, train_state, meta) -> None:
+    """Save the state of `step` (collective). Async: returns once the state is in host memory."""
+    blocked = checkpointer.save(step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                train_state=dict(train_state), data_state=loader.state_dict(), meta=meta)
+    # The next save's parent: committed by then (a save waits for the previous commit).
+    train_state["parent_checkpoint"] = str(checkpointer.root / step_dirname(step))
+    logger.info("step %d: checkpoint %s; training blocked %.2fs", step,
+                "committed" if checkpointer.mode == "sync" else "staged, committing in the background", blocked)
 
 
 def main(args: PretrainArguments) -> int:

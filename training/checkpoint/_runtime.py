@@ -8,6 +8,7 @@ restart loop (torchrun --max-restarts, a cluster requeue) sees a failure instead
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import faulthandler
@@ -162,6 +163,27 @@ class Watchdog:
 # ---------------------------------------------------------------- collectives with a timeout
 
 _CONTROL_GROUP: Any = None
+_THREAD = threading.local()  # .group: the process group of this thread's checkpoint collectives
+
+
+@contextlib.contextmanager
+def use_group(group: Any):
+    """Run this thread's checkpoint collectives (barriers, gathers, DCP's planning) on `group`.
+
+    A background save runs its collectives on a group of its own while the training thread keeps
+    using the default one: two threads must never issue collectives on the same group.
+    """
+    prev = getattr(_THREAD, "group", None)
+    _THREAD.group = group
+    try:
+        yield
+    finally:
+        _THREAD.group = prev
+
+
+def thread_group() -> Any:
+    """The group set by `use_group` in this thread, else None (the default group)."""
+    return getattr(_THREAD, "group", None)
 
 
 def _control_group() -> Any:
@@ -170,8 +192,11 @@ def _control_group() -> Any:
     gloo gives `monitored_barrier` (names the ranks that did not arrive) and keeps these tiny
     pickled objects off the GPU. When the default group is already gloo we use it directly. The
     first call is itself collective; every rank reaches it because every rank must call save/load.
+    A thread inside `use_group` uses its own (gloo) group instead.
     """
     global _CONTROL_GROUP
+    if (own := thread_group()) is not None:
+        return own
     if dist.get_backend() == "gloo":
         return None
     if _CONTROL_GROUP is None:

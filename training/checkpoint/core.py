@@ -19,6 +19,7 @@ import platform
 import shutil
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,17 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from . import layout as L
-from ._runtime import CheckpointError, Watchdog, agree, barrier, describe, gather, rank_and_world
-from .state import capture_rng, save_scheduler, unwrap_optimizer
+from ._runtime import (
+    CheckpointError,
+    Watchdog,
+    agree,
+    barrier,
+    describe,
+    gather,
+    rank_and_world,
+    thread_group,
+)
+from .state import capture_rng, scheduler_file, unwrap_optimizer
 
 logger = logging.getLogger("training.checkpoint")
 
@@ -92,6 +102,25 @@ def _json_error(obj: Any, what: str) -> str | None:
     return None if isinstance(obj, dict) else f"{what} must be a dict, got {type(obj).__name__}"
 
 
+@dataclass
+class Capture:
+    """Everything a checkpoint of `step` holds, taken at that step: tensors (live, or copies in host
+    memory for a background write) and the small parts as plain values."""
+
+    root: Path
+    step: int
+    final: Path
+    tmp: Path
+    model_sd: dict
+    optim_sd: dict
+    rng: dict
+    data_state: dict
+    train_state: dict
+    meta: dict
+    scheduler: tuple[str, bytes]
+    started: float = field(default_factory=time.monotonic)
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -109,7 +138,22 @@ def save_checkpoint(
 
     Collective: EVERY rank must call it with the same root and step (the ranks check this first).
     `data_state` is this rank's; `train_state` and `meta` are taken from rank 0. After the commit,
-    rank 0 prunes to the newest `keep_last` (>= 2) committed checkpoints.
+    rank 0 prunes to the newest `keep_last` (>= 2) committed checkpoints. For a save that blocks
+    training only while the state is copied to host memory, see `AsyncCheckpointer`.
+    """
+    with Watchdog("save", step, timeout_s) as wd:
+        cap = capture(root, step, wd, model=model, optimizer=optimizer, scheduler=scheduler,
+                      train_state=train_state, data_state=data_state, meta=meta, keep_last=keep_last)
+        final, _ = write_and_commit(cap, wd, keep_last)
+    return final
+
+
+def capture(root, step, wd, *, model, optimizer, scheduler, train_state, data_state, meta, keep_last,
+            stage=None) -> Capture:
+    """Collective. Check the call, prepare the temporary folder (rank 0), and take the state of `step`.
+
+    stage: None to keep the live tensors (they are written before training goes on), or a callable
+    (part name, state dict) -> state dict that copies the tensors to host memory.
     """
     if keep_last < 2:
         raise ValueError(
@@ -122,69 +166,97 @@ def save_checkpoint(
     rank, world = rank_and_world()
     opt = unwrap_optimizer(optimizer)
     started = time.monotonic()
-    with Watchdog("save", step, timeout_s) as wd:
-        barrier(wd, "waiting for every rank to call save")
-        wd.phase("agreeing on the step")
-        local_err = (
-            _json_error(train_state, "train_state")
-            or _json_error(data_state, f"data_state of rank {rank}")
-            or _json_error(meta, "meta")
+    barrier(wd, "waiting for every rank to call save")
+    wd.phase("agreeing on the step")
+    local_err = (
+        _json_error(train_state, "train_state")
+        or _json_error(data_state, f"data_state of rank {rank}")
+        or _json_error(meta, "meta")
+    )
+    ts_digest = hashlib.sha256(json.dumps(train_state, sort_keys=True, default=str).encode()).hexdigest()
+    views = gather((step, str(root.resolve()), os.urandom(4).hex(), ts_digest))
+    if len({(v[0], v[1]) for v in views}) > 1:
+        seen = sorted({(v[0], v[1]) for v in views})
+        local_err = local_err or (
+            f"ranks called save_checkpoint with different (step, root): {seen}; every rank must "
+            "call it at the same step with the same root"
         )
-        ts_digest = hashlib.sha256(json.dumps(train_state, sort_keys=True, default=str).encode()).hexdigest()
-        views = gather((step, str(root.resolve()), os.urandom(4).hex(), ts_digest))
-        if len({(v[0], v[1]) for v in views}) > 1:
-            seen = sorted({(v[0], v[1]) for v in views})
-            local_err = local_err or (
-                f"ranks called save_checkpoint with different (step, root): {seen}; every rank must "
-                "call it at the same step with the same root"
-            )
-        if len({v[3] for v in views}) > 1 and rank == 0:
-            logger.warning("train_state differs across ranks at step %d; saving rank 0's", step)
-        agree(local_err)
-        nonce = views[0][2]
-        final = root / L.step_dirname(step)
-        tmp = root / f"{L.TMP_PREFIX}{step:08d}-{nonce}"
+    if len({v[3] for v in views}) > 1 and rank == 0:
+        logger.warning("train_state differs across ranks at step %d; saving rank 0's", step)
+    agree(local_err)
+    nonce = views[0][2]
+    final = root / L.step_dirname(step)
+    tmp = root / f"{L.TMP_PREFIX}{step:08d}-{nonce}"
 
-        wd.phase("preparing folders")
-        err = None
-        if rank == 0:
-            err = _prepare_root(root, final, tmp, step)
+    wd.phase("preparing folders")
+    err = None
+    if rank == 0:
+        err = _prepare_root(root, final, tmp, step)
+    agree(err)
+    try:
+        wd.phase("collecting state dicts")
+        if not opt.state and rank == 0:
+            logger.warning(
+                "saving an optimizer that has taken no step: torch's get_state_dict initialises its state "
+                "with a zero-LR step, so AdamW step counts (bias correction) start at 1 from here"
+            )
+        # Sharded (DTensor) state dicts under FSDP2: each rank holds only its shard; no gather.
+        model_sd, optim_sd = get_state_dict(model, opt)
+        if stage is not None:
+            wd.phase("staging to host memory")
+            model_sd, optim_sd = stage("model", model_sd), stage("optimizer", optim_sd)
+        meta = {**meta, "step": step, "world_size": world, "versions": _versions()}
+        meta.setdefault("parent_checkpoint", _last_loaded)
+        meta["saved_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        # The small parts as values of this step: JSON round trips are deep copies.
+        return Capture(root, step, final, tmp, model_sd, optim_sd, capture_rng(), json.loads(json.dumps(data_state)),
+                       json.loads(json.dumps(train_state)), json.loads(json.dumps(meta)), scheduler_file(scheduler),
+                       started)
+    except BaseException as e:
+        _abandon(e, root, tmp, final, step, wd)
+
+
+def write_and_commit(cap: Capture, wd, keep_last: int) -> tuple[Path, dict]:
+    """Collective. Write the captured state into the temporary folder, hash it, commit it by rename,
+    then prune. Returns (committed path, manifest). On any failure the temporary folder goes and
+    the previous checkpoint is untouched."""
+    rank, _ = rank_and_world()
+    try:
+        _write_parts(wd, cap)
+        manifest = _hash_and_collect(wd, cap.tmp, cap.step)
+        barrier(wd, "barrier before commit")
+        wd.phase("commit")
+        err = _commit(cap.tmp, cap.final, manifest) if rank == 0 else None
         agree(err)
-        try:
-            meta = {**meta, "step": step, "world_size": world, "versions": _versions()}
-            meta.setdefault("parent_checkpoint", _last_loaded)
-            meta["saved_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            _write_parts(wd, tmp, model, opt, scheduler, train_state, data_state, meta)
-            manifest = _hash_and_collect(wd, tmp, step)
-            barrier(wd, "barrier before commit")
-            wd.phase("commit")
-            err = _commit(tmp, final, manifest) if rank == 0 else None
-            agree(err)
-        except BaseException as e:
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            found = L.committed(root)
-            prev = found[-1][1] if found else None
-            if isinstance(e, KeyboardInterrupt | SystemExit):
-                raise
-            raise CheckpointError(
-                f"saving step {step} to {final} failed in phase '{wd.current}': {describe(e)}. The "
-                f"temporary folder was removed; the previous checkpoint ({prev}) is untouched."
-            ) from e
-        if rank == 0:
-            wd.phase("pruning")
-            _prune(root, keep_last)
-        timings = wd.timings()
+    except BaseException as e:
+        _abandon(e, cap.root, cap.tmp, cap.final, cap.step, wd)
+    if rank == 0:
+        wd.phase("pruning")
+        _prune(cap.root, keep_last)
     size = sum(f["size"] for f in manifest["files"].values())
     logger.info(
         "saved checkpoint %s (%.1f MB, %d files) in %.1f s (%s)",
-        final,
+        cap.final,
         size / 1e6,
         len(manifest["files"]),
-        time.monotonic() - started,
-        timings,
+        time.monotonic() - cap.started,
+        wd.timings(),
     )
-    return final
+    return cap.final, manifest
+
+
+def _abandon(e: BaseException, root: Path, tmp: Path, final: Path, step: int, wd) -> None:
+    rank, _ = rank_and_world()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, KeyboardInterrupt | SystemExit):
+        raise e
+    found = L.committed(root)
+    prev = found[-1][1] if found else None
+    raise CheckpointError(
+        f"saving step {step} to {final} failed in phase '{wd.current}': {describe(e)}. The "
+        f"temporary folder was removed; the previous checkpoint ({prev}) is untouched."
+    ) from e
 
 
 def _prepare_root(root: Path, final: Path, tmp: Path, step: int) -> str | None:
@@ -207,31 +279,22 @@ def _prepare_root(root: Path, final: Path, tmp: Path, step: int) -> str | None:
     return None
 
 
-def _write_parts(wd, tmp, model, opt, scheduler, train_state, data_state, meta) -> None:
+def _write_parts(wd, cap: Capture) -> None:
     rank, _ = rank_and_world()
-    wd.phase("collecting state dicts")
-    if not opt.state and rank == 0:
-        logger.warning(
-            "saving an optimizer that has taken no step: torch's get_state_dict initialises its state "
-            "with a zero-LR step, so AdamW step counts (bias correction) start at 1 from here"
-        )
-    # Sharded (DTensor) state dicts under FSDP2: each rank holds only its shard; no gather.
-    model_sd, optim_sd = get_state_dict(model, opt)
     wd.phase("writing model and optimizer shards")
-    for part, sd in (("model", model_sd), ("optimizer", optim_sd)):
-        writer = dcp.FileSystemWriter(tmp / part, sync_files=True, overwrite=False)
+    for part, sd in (("model", cap.model_sd), ("optimizer", cap.optim_sd)):
+        writer = dcp.FileSystemWriter(cap.tmp / part, sync_files=True, overwrite=False)
         with quiet_single_process():
-            dcp.save(sd, storage_writer=writer, no_dist=_no_dist())
-    del model_sd, optim_sd
+            dcp.save(sd, storage_writer=writer, no_dist=_no_dist(), process_group=thread_group())
     wd.phase("writing per-rank state")
     err = None
     try:
-        L.write_json(tmp / L.rank_file("rng", rank), capture_rng(), f"RNG state of rank {rank}")
-        L.write_json(tmp / L.rank_file("data", rank), data_state, f"data_state of rank {rank}")
+        L.write_json(cap.tmp / L.rank_file("rng", rank), cap.rng, f"RNG state of rank {rank}")
+        L.write_json(cap.tmp / L.rank_file("data", rank), cap.data_state, f"data_state of rank {rank}")
         if rank == 0:
-            L.write_json(tmp / "train_state.json", train_state, "train_state")
-            L.write_json(tmp / "meta.json", meta, "meta")
-            save_scheduler(tmp, scheduler)
+            L.write_json(cap.tmp / "train_state.json", cap.train_state, "train_state")
+            L.write_json(cap.tmp / "meta.json", cap.meta, "meta")
+            L.write_bytes_durable(cap.tmp / cap.scheduler[0], cap.scheduler[1])
     except (OSError, CheckpointError) as e:
         err = f"rank {rank} could not write its state: {e}"
     agree(err)

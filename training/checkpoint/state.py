@@ -99,16 +99,20 @@ def restore_rng(state: dict, where: str) -> list[str]:
 # ------------------------------------------------------------------ scheduler
 
 
-def save_scheduler(folder: Path, scheduler: Any) -> str:
-    """scheduler.json when the state is JSON-able (every torch LRScheduler we use), else scheduler.pt."""
+def scheduler_file(scheduler: Any) -> tuple[str, bytes]:
+    """(file name, bytes) of the scheduler's state now: scheduler.json when the state is JSON-able
+    (every torch LRScheduler we use), else scheduler.pt."""
     state = unwrap_scheduler(scheduler).state_dict()
     try:
-        data = json.dumps(state, sort_keys=True).encode()
-        name = "scheduler.json"
+        return "scheduler.json", json.dumps(state, sort_keys=True).encode()
     except (TypeError, ValueError):
         buf = io.BytesIO()
         torch.save(state, buf)
-        data, name = buf.getvalue(), "scheduler.pt"
+        return "scheduler.pt", buf.getvalue()
+
+
+def save_scheduler(folder: Path, scheduler: Any) -> str:
+    name, data = scheduler_file(scheduler)
     write_bytes_durable(folder / name, data)
     return name
 

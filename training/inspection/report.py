@@ -115,11 +115,31 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, *, evalu
                f"{c['parent']} |" for c in ckpts]
     else:
         md += ["No committed checkpoint under `checkpoints/`."]
+    md += _saves_section(run)
     md += ["", "## Evaluation", ""] + _eval_section(run, ckpts, evaluate, eval_last, max_batches, data_dir, device)
     tmp = output.with_name(f".{output.name}.tmp")
     tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
     os.replace(tmp, output)
     return output
+
+
+def _saves_section(run) -> list[str]:
+    """What each save cost the run (metrics.jsonl "checkpoint" records) and the save plan."""
+    saves = [r for r in run.side_records if r.get("event") == "checkpoint"]
+    plans = [r for r in run.side_records if r.get("event") == "checkpoint_plan"]
+    out = [""]
+    for p in plans:
+        out.append(f"- save plan: {p.get('requested')} requested, {p.get('mode')} used"
+                   + (f" ({p['reason']})" if p.get("reason") else ""))
+    if not saves:
+        return out if plans else []
+    out += ["", "| step | mode | training blocked (s) | total (s) | waited for the previous (s) | size (MiB) |",
+            "|---|---|---|---|---|---|"]
+    out += [f"| {r['step']} | {r.get('mode')} | {r.get('blocked_s', 0):.3f} | {r.get('total_s', 0):.2f} | "
+            f"{r.get('waited_for_previous_s', 0):.2f} | {r.get('bytes', 0) / 2**20:.1f} |" for r in saves]
+    blocked = sorted(r.get("blocked_s", 0.0) for r in saves)
+    out += ["", f"Median stall per save: {blocked[len(blocked) // 2]:.3f} s over {len(saves)} saves."]
+    return out
 
 
 def _eval_section(run, ckpts, evaluate, eval_last, max_batches, data_dir, device) -> list[str]:

@@ -38,6 +38,7 @@ class Run:
     extensions: list[tuple[int, int | None, int]] = field(default_factory=list)  # (step, old max, new max)
     checkpoints: list[int] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)  # records with an "event" (e.g. stopped)
+    side_records: list[dict] = field(default_factory=list)  # checkpoint saves, save plans, Hub uploads
     config: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what was tolerated (a torn last line, ...)
 
@@ -74,8 +75,9 @@ def read_metrics(path: str | Path, *, allow_partial: bool = False) -> tuple[list
         torn_tail = i == len(lines)  # no newline after it: the line being written when the run died
         try:
             rec = json.loads(line)
-            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-                raise ValueError("not an object with an integer 'step'")
+            side = isinstance(rec, dict) and isinstance(rec.get("event"), str) and rec["event"] != "stopped"
+            if not isinstance(rec, dict) or not (side or isinstance(rec.get("step"), int)):
+                raise ValueError("not an object with an integer 'step' or an 'event'")
         except ValueError as e:
             msg = f"{path}:{i}: broken metrics line ({e}): {line[:80]!r}"
             if not (torn_tail or allow_partial):
@@ -84,7 +86,7 @@ def read_metrics(path: str | Path, *, allow_partial: bool = False) -> tuple[list
             logger.warning("%s skipped", msg)
             continue
         records.append(rec)
-    if not records:
+    if not any("event" not in r or r["event"] == "stopped" for r in records):
         raise InspectError(f"{path}: no metrics records in it")
     return records, notes
 
@@ -93,6 +95,9 @@ def _from_records(run: Run, records: list[dict]) -> None:
     """Fill steps/events and the replay resumes (a step that goes back)."""
     prev = None
     for rec in records:
+        if rec.get("event") not in (None, "stopped"):  # not a training step: kept beside the curve
+            run.side_records.append(rec)
+            continue
         step = rec["step"]
         if prev is not None and step <= prev:
             run.resumes.append(step - 1)
