@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 benchmarks/bench_checkpoint.py --size small --write   # CPU, 2 gloo ranks
     torchrun --nproc-per-node 2 benchmarks/bench_checkpoint.py --size 1b --write      # 2 GPUs, FSDP2
     python benchmarks/bench_checkpoint.py --size 1b --write                           # 1 GPU, plain module
+    python benchmarks/bench_checkpoint.py --async-compare 100m 300m --write           # sync vs async saves
 
 The model is a Genesis of the chosen size with AdamW state (one zero-gradient step), sharded with
 FSDP2 when there are several ranks. Each repeat times, interleaved: `save_checkpoint` (DCP shards +
@@ -38,6 +39,10 @@ SIZES = {
                   num_attention_heads=8, num_key_value_heads=4),
     "medium": dict(vocab_size=16384, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
                    num_attention_heads=8, num_key_value_heads=4),
+    "100m": dict(vocab_size=16384, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=6),
+    "300m": dict(vocab_size=32768, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                 num_attention_heads=8, num_key_value_heads=4),
     "1b": {},  # GenesisConfig() is the 1B model
 }  # fmt: skip
 
@@ -138,12 +143,80 @@ def main(size: str, repeat: int, workdir: str | None, write: bool) -> str:
     return body
 
 
+def async_compare(sizes: list[str], repeat: int, workdir: str | None, write: bool) -> str:
+    """Sync vs async saves through `Checkpointer` (what pretrain.py runs), one process: the stall
+    training sees, the time until the commit, and the time to copy the same state in memory."""
+    from training.checkpoint.async_save import Checkpointer, HostStager
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    rows = []
+    for size in sizes:
+        model, opt, sched = build(size, device, shard=False)
+        n_params = sum(p.numel() for p in model.parameters())
+        root = Path(workdir or tempfile.gettempdir()) / f"bench_checkpoint_async_{size}"
+        shutil.rmtree(root, ignore_errors=True)
+        kw = dict(model=model, optimizer=opt, scheduler=sched, train_state={}, data_state={}, meta={})
+        ck = {m: Checkpointer(root / m, mode=m, keep_last=2, timeout_s=3600) for m in ("sync", "async")}
+        # The memory-copy reference: the stager's own copy into buffers it already holds.
+        msd, osd = get_state_dict(model, opt)
+        stager = HostStager(pin_memory=device.type == "cuda")
+        stager("model", msd), stager("optimizer", osd)
+        copy_s = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            stager("model", msd), stager("optimizer", osd)
+            copy_s.append(time.perf_counter() - t)
+        staged_gb = stager.nbytes() / 1e9
+        del stager, msd, osd
+        first_async = ck["async"].save(1, **kw)  # allocates the staging buffers (untimed below)
+        ck["async"].close()
+        ck["async"].records()
+        res: dict[str, dict[str, list[float]]] = {m: {"blocked": [], "total": []} for m in ck}
+        for r in range(repeat):
+            for mode in (("sync", "async") if r % 2 == 0 else ("async", "sync")):
+                ck[mode].save(r + 2, **kw)
+                ck[mode].close()
+                (rec,) = ck[mode].records()
+                res[mode]["blocked"].append(rec["blocked_s"])
+                res[mode]["total"].append(rec["total_s"])
+        gb = rec["bytes"] / 1e9
+        med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in res.items()}
+        copy = statistics.median(copy_s)
+        rows.append(f"| `{size}` ({n_params / 1e6:.0f}M params, {gb:.2f} GB) | {med['sync']['blocked']:.2f} | "
+                    f"{med['async']['blocked']:.2f} | {med['async']['total']:.2f} | {copy:.2f} | "
+                    f"{med['async']['blocked'] / copy:.2f}x | {med['sync']['blocked'] / med['async']['blocked']:.0f}x | "
+                    f"{first_async:.2f} | {staged_gb:.2f} |")
+        shutil.rmtree(root, ignore_errors=True)
+        del model, opt, sched, ck
+    body = "\n".join([
+        "## Checkpoints: sync vs async saves",
+        "",
+        f"Machine: {machine()}; 1 process. `Checkpointer` as pretrain.py runs it (`save_mode`), Genesis of each "
+        f"size with AdamW state; median of {repeat} saves per mode, interleaved, after one async save that "
+        "allocated the staging buffers. *Stall*: the seconds training is blocked (sync: the whole save). "
+        "*Until commit*: from the call to the committed rename, the background part included. *Copy in "
+        "memory*: the same state copied into buffers that already exist (what staging does), same run. "
+        "`python benchmarks/bench_checkpoint.py --async-compare 100m 300m --write`.",
+        "",
+        "| model | sync stall (s) | async stall (s) | async until commit (s) | copy in memory (s) | "
+        "async stall / copy | sync / async stall | first async stall, buffers allocated (s) | staging memory (GB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+    ])  # fmt: skip
+    print(body)
+    if write:
+        print(f"wrote {write_section('checkpoint_async', body)}")
+    return body
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=list(SIZES), default="small")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workdir", default=None, help="where to write checkpoints (default: the temp dir)")
     p.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    p.add_argument("--async-compare", nargs="+", choices=list(SIZES), default=None, metavar="SIZE",
+                   help="instead: sync vs async saves at these sizes, one process (e.g. 100m 300m)")
     return p.parse_args(argv)
 
 
@@ -156,6 +229,9 @@ if __name__ == "__main__":
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
-    main(args.size, args.repeat, args.workdir, args.write)
+    if args.async_compare:
+        async_compare(args.async_compare, args.repeat, args.workdir, args.write)
+    else:
+        main(args.size, args.repeat, args.workdir, args.write)
     if dist.is_initialized():
         dist.destroy_process_group()

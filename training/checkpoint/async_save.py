@@ -157,6 +157,7 @@ class Checkpointer:
                           stage=self._stager)
             if self.mode == "sync":
                 final, manifest = write_and_commit(cap, wd, self.keep_last)
+            staging_phases = wd.timings(min_s=0.01)
         blocked = time.monotonic() - t0
         if self.mode == "sync":
             self._committed(final, manifest, cap, blocked, waited)
@@ -165,7 +166,8 @@ class Checkpointer:
         self._thread = threading.Thread(target=self._background, args=(cap, blocked, waited),
                                         name=f"ckpt-async-save-{step}", daemon=True)
         self._thread.start()
-        logger.info("step %d: state staged to host memory in %.2fs; writing in the background", step, blocked)
+        logger.info("step %d: state staged to host memory in %.2fs (%s); writing in the background", step,
+                    blocked, staging_phases)
         return blocked
 
     def wait(self, reason: str = "") -> float:
