@@ -10,8 +10,9 @@ What it measures:
    memory; eager, then each decoder layer compiled; Genesis against transformers'
    LlamaForCausalLM holding the same weights, interleaved in the same process.
 2. training/pretrain.py under the FSDP plugin (accelerate_configs/fsdp_2gpu_pcie.yaml with
-   --num_processes 1) on the 1B shape for 20 steps, a save at step 10 and 20; then a second run
-   resumes from step 10: save seconds, resume seconds, and whether steps 11-20 repeat exactly.
+   --num_processes 1) on the 1B shape for 20 steps, async saves at step 10 and 20 (the training
+   stall and the time until commit); then a second run resumes from step 10 and saves step 20
+   synchronously: resume seconds, the sync save, and whether steps 11-20 repeat exactly.
 
 The pretraining data is the embedded corpus (Python's own sources and docs). Building it needs the
 `datasets` package; on a GPU machine without it, run `--prepare-only` where it is installed and
@@ -167,14 +168,21 @@ def metrics(out: Path) -> dict[int, dict]:
     return recs
 
 
+def saves(out: Path) -> list[dict]:
+    """The run's per-save records (metrics.jsonl "checkpoint" events)."""
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r.get("event") == "checkpoint"]
+
+
 def pretrain_section(dry: bool, data: tuple[Path, Path], work: Path) -> str:
     first, second = work / "straight", work / "resumed"
     log("pretrain: 20 steps under the FSDP plugin, saves at 10 and 20")
-    text1, took1 = run_pretrain(dry, first, data, timeout=420)
-    saves = [float(x) for x in re.findall(r"checkpoint committed at \S+ in ([0-9.]+)s", text1)]
-    log(f"pretrain: straight run {took1:.0f}s, saves {saves}")
+    text1, took1 = run_pretrain(dry, first, data, "--save_mode", "async", timeout=420)
+    async_saves = saves(first)
+    log(f"pretrain: straight run {took1:.0f}s, async saves {async_saves}")
     ckpt10 = first / "checkpoints" / "step-00000010"
-    text2, took2 = run_pretrain(dry, second, data, "--resume", str(ckpt10), timeout=420)
+    text2, took2 = run_pretrain(dry, second, data, "--resume", str(ckpt10), "--save_mode", "sync", timeout=420)
+    sync_saves = saves(second)
     loads = re.findall(r"load_seconds: ([0-9.]+)", text2)[:1]
     a, b = metrics(first), metrics(second)
     same = all(a[s]["loss"] == b[s]["loss"] and a[s]["grad_norm"] == b[s]["grad_norm"] for s in range(11, 21))
@@ -196,7 +204,9 @@ def pretrain_section(dry: bool, data: tuple[Path, Path], work: Path) -> str:
         f"- FSDP setup: {setup}",
         f"- tokens/s (median, steps 3-20 without the save steps): {tok_s:,.0f}; MFU {mfu_text}",
         f"- peak memory (max allocated): {mem:.1f} GiB" if mem else "- peak memory: n/a (CPU)",
-        f"- save (sync, sharded DCP + sha256 manifest + commit): {', '.join(f'{s:.1f} s' for s in saves)}",
+        "- saves (sharded DCP + sha256 manifest + commit), training stall / until commit: async "
+        + ", ".join(f"step {r['step']}: {r['blocked_s']:.2f} s / {r['total_s']:.1f} s" for r in async_saves)
+        + "; sync " + ", ".join(f"step {r['step']}: {r['blocked_s']:.2f} s" for r in sync_saves),
         f"- resume load: {', '.join(f'{float(s):.1f} s' for s in loads) or 'see the log'}; wall time straight "
         f"run {took1:.0f} s, resumed run {took2:.0f} s",
         f"- steps 11-20 after the resume equal the straight run's (loss and grad norm): **{same}** "

@@ -26,7 +26,8 @@ def test_dry_run_measures_everything_and_resumes_exactly(tmp_path, capsys):
     assert "Genesis compiled / eager:" in text
     assert "GenesisDecoderLayer x2" in text and "activation checkpointing on 2 layers" in text
     assert "steps 11-20 after the resume equal the straight run's (loss and grad norm): **True**" in text
-    assert "save (sync, sharded DCP + sha256 manifest + commit): " in text
+    assert "saves (sharded DCP + sha256 manifest + commit), training stall / until commit: async step 10: " in text
+    assert "; sync step 20: " in text
 
 
 def test_refuses_without_a_gpu_unless_dry_run(tmp_path):
