@@ -16,7 +16,8 @@ What the file holds:
   `output.weight`, so llama.cpp reuses `token_embd.weight`.
 - q_proj and k_proj rows are permuted from HF's rotate-half RoPE layout to llama.cpp's
   interleaved pairs, as llama.cpp's converter does (transformers undoes it on load).
-- tokenizer: model "gpt2", pre "qwen2", tokens, types (our specials are CONTROL), merges;
+- tokenizer: model "gpt2", pre "qwen2" (and the regex itself under `tokenizer.ggml.pretokenizer`,
+  which Ollama's Go engine reads), tokens, types (our specials are CONTROL), merges;
   eos `<|endoftext|>`, eot `<|im_end|>` (chat turns stop there), pad `<|pad|>`; no BOS is ever
   added (add_bos_token false; the bos id is `<|endoftext|>`, our document boundary, only so that
   llama.cpp does not fall back to its default id 11 for tools that ask for one); the chat template
@@ -35,7 +36,14 @@ from pathlib import Path
 import gguf
 import torch
 
-from .tokenizer import CHAT_STOP_TOKENS, EOS_TOKEN, PAD_TOKEN, byte_level_pre_tokenizer, token_bytes
+from .tokenizer import (
+    CHAT_STOP_TOKENS,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    PRETOKENIZE_PATTERN,
+    byte_level_pre_tokenizer,
+    token_bytes,
+)
 
 # --outtype -> (tensor type of 2-D weights, file type recorded in general.file_type)
 OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
@@ -45,6 +53,7 @@ OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 LLAMA_CPP_PRE = "qwen2"  # llama.cpp's name for our split regex
+OLLAMA_PRETOKENIZER_KEY = "tokenizer.ggml.pretokenizer"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_TENSORS = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -229,6 +238,9 @@ def write_gguf(state_dict: dict[str, torch.Tensor], config, tokenizer_dir: str |
 
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(LLAMA_CPP_PRE)
+        # Ollama's own (Go) engine takes the split regex from this key, defaulting to Llama 3's
+        # (digits in threes); llama.cpp ignores it.
+        writer.add_string(OLLAMA_PRETOKENIZER_KEY, PRETOKENIZE_PATTERN)
         writer.add_token_list(vocab["tokens"])
         writer.add_token_types(vocab["types"])
         writer.add_token_merges(vocab["merges"])

@@ -15,7 +15,7 @@ from test_tokenizer import ROUND_TRIP, _byte_fallback_tokenizer
 from genesis_hf import GenesisConfig, GenesisForCausalLM
 from genesis_hf.cli import main as genesis_main
 from genesis_hf.export import ExportError, export
-from genesis_hf.tokenizer import SPECIAL_TOKENS, train_tokenizer
+from genesis_hf.tokenizer import PRETOKENIZE_PATTERN, SPECIAL_TOKENS, train_tokenizer
 
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=96, rope_theta=10_000.0, rms_norm_eps=1e-5)  # fmt: skip
@@ -70,6 +70,7 @@ def test_metadata_and_tokenizer_read_back(folder, tok, tmp_path):
         "llama.vocab_size": len(tok),
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": "qwen2",
+        "tokenizer.ggml.pretokenizer": PRETOKENIZE_PATTERN,  # Ollama's Go engine reads the regex here
         "tokenizer.ggml.eos_token_id": 0,
         "tokenizer.ggml.eot_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
         "tokenizer.ggml.padding_token_id": tok.pad_token_id,

@@ -1,8 +1,10 @@
-"""llama.cpp itself reads our GGUF: the same token ids as the HF tokenizer, the same greedy text.
+"""llama.cpp itself reads our GGUF: the same token ids as the HF tokenizer (its `llama-tokenize`),
+the same logits and the same greedy continuations (its API, through tests/llama_cpp_check.cpp);
+and llama.cpp's own converter refuses our tokenizer instead of getting it wrong.
 
 Slow: the first run builds llama.cpp from the `llama-cpp-python` sdist on the package index
 (it vendors llama.cpp) into the user cache folder, about 5-8 minutes on 2 cores; later runs
-reuse the binaries (~/.cache/genesis/llama.cpp-<version>/llama.cpp/build/bin).
+reuse the build (~/.cache/genesis/llama.cpp-<version>/llama.cpp/build).
 
     pytest --runslow tests/test_llama_cpp.py
 """
@@ -26,10 +28,11 @@ from test_tokenizer import ROUND_TRIP
 pytestmark = pytest.mark.slow
 
 LLAMA_CPP_PYTHON = "0.3.36"  # its sdist vendors llama.cpp under vendor/llama.cpp
-TARGETS = ("llama-tokenize", "llama-simple")
+TARGETS = ("llama-tokenize",)  # also builds the static libraries llama_cpp_check.cpp links
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF",
-               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=ON", "-DLLAMA_BUILD_SERVER=OFF",
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                "-DGGML_NATIVE=OFF"]  # fmt: skip
+LIBS = ("src/libllama.a", "ggml/src/libggml.a", "ggml/src/libggml-cpu.a", "ggml/src/libggml-base.a")
 TEXTS = dict(ROUND_TRIP) | {
     "georgian": "ქართული ენა მსოფლიოში ერთ-ერთი უძველესი ენაა.",
     "crlf": "line one\r\nline two\r\n\r\n  indented\r\n",
@@ -63,7 +66,9 @@ def llama_cpp() -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two sessions never build into one tree at once
-        if all((src / "build" / "bin" / t).is_file() for t in TARGETS):
+        if all((src / "build" / "bin" / t).is_file() for t in TARGETS) and all(
+            (src / "build" / lib).is_file() for lib in LIBS
+        ):
             return src
         log = root / "build.log"
         if not (src / "CMakeLists.txt").is_file():
@@ -104,15 +109,15 @@ def trained(tmp_path_factory) -> Path:
     docs = [d["text"] for kind in ("prose", "code") for d in itertools.islice(iter_documents(kind), 30)]
     tok = train_tokenizer(iter(docs + list(TEXTS.values()) * 3), 1024, show_progress=False)
     torch.manual_seed(0)
-    model = GenesisForCausalLM(GenesisConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=256,
+    model = GenesisForCausalLM(GenesisConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=160,
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                              max_position_embeddings=256))  # fmt: skip
     pages = "".join(d[:1500] for d in docs[:4])  # a few pages, to memorise
     ids = torch.tensor(tok.encode(pages))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(300):
-        starts = torch.randint(0, len(ids) - 65, (16,))
-        batch = torch.stack([ids[s : s + 65] for s in starts])  # (16, 65)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        starts = torch.randint(0, len(ids) - 65, (8,))
+        batch = torch.stack([ids[s : s + 65] for s in starts])  # (8, 65)
         model(batch, labels=batch).loss.backward()
         opt.step()
         opt.zero_grad()
@@ -156,34 +161,71 @@ def test_llama_cpp_tokenizes_like_hf(llama_cpp, trained, gguf_f32, tmp_path):
     assert tok.convert_tokens_to_ids("<|im_end|>") in tok.encode(TEXTS["chat"])  # specials as one token
 
 
-def test_llama_cpp_greedy_text_is_transformers_greedy_text(llama_cpp, trained, gguf_f32):
+@pytest.fixture(scope="module")
+def llama_check(llama_cpp, tmp_path_factory) -> Path:
+    """tests/llama_cpp_check.cpp linked against the cached build's static libraries (seconds)."""
+    exe = tmp_path_factory.mktemp("bin") / "llama-check"
+    cmd = ["g++", "-O2", "-std=c++17", Path(__file__).with_name("llama_cpp_check.cpp"),
+           f"-I{llama_cpp / 'include'}", f"-I{llama_cpp / 'ggml' / 'include'}",
+           *[llama_cpp / "build" / lib for lib in LIBS], "-fopenmp", "-lpthread", "-ldl", "-o", exe]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return exe
+
+
+def _greedy_hf(model, tok, prompt: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, up to 32 new ids, ending with a stop token if one came)."""
+    from genesis_hf.tokenizer import CHAT_STOP_TOKENS
+
+    stop = [tok.convert_tokens_to_ids(t) for t in CHAT_STOP_TOKENS]  # llama.cpp's end-of-generation set
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=stop, pad_token_id=1)
+    return ids[0].tolist(), out[0, ids.shape[1]:].tolist()
+
+
+def _prompts(trained: Path) -> list[str]:
+    pages = (trained / "pages.txt").read_text()
+    return [pages[:40], pages[1500:1530], pages[3000:3050], "def main(argv):\n    ", "Return the number of"]
+
+
+def test_llama_cpp_logits_are_transformers_logits(trained, gguf_f32, llama_check):
     from transformers import AutoTokenizer
 
     from genesis_hf import GenesisForCausalLM
-    from genesis_hf.tokenizer import CHAT_STOP_TOKENS, token_bytes
 
     tok = AutoTokenizer.from_pretrained(trained)
     model = GenesisForCausalLM.from_pretrained(trained, dtype=torch.float32).eval()
-    stop = [tok.convert_tokens_to_ids(t) for t in CHAT_STOP_TOKENS]  # llama.cpp's end-of-generation set
-    pages = (trained / "pages.txt").read_text()
-    prompts = [pages[:40], pages[1500:1530], pages[3000:3050], "def main(argv):\n    "]
-    distinct = set()
-    for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt").input_ids
+    for prompt in _prompts(trained)[:2]:
+        prompt_ids, new = _greedy_hf(model, tok, prompt)
+        ids = prompt_ids + new
+        res = subprocess.run([llama_check, "logits", gguf_f32, *map(str, ids)], capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-2000:]
+        got = torch.tensor([[float(x) for x in line.split()] for line in res.stdout.strip().splitlines()])
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=stop, pad_token_id=1)
-        new = out[0, ids.shape[1]:].tolist()
-        if new and new[-1] in stop:
-            new = new[:-1]  # llama-simple stops at an end-of-generation token without printing it
-        want = b"".join(token_bytes(t) or t.encode() for t in tok.convert_ids_to_tokens(new))
-        res = subprocess.run([llama_cpp / "build" / "bin" / "llama-simple", "-m", gguf_f32, "-n", "32", prompt],
-                             capture_output=True, timeout=300)  # fmt: skip
-        assert res.returncode == 0, res.stderr[-2000:].decode(errors="replace")
-        # llama-simple prints the prompt's tokens, then the generated ones, then a newline
-        assert res.stdout.startswith(prompt.encode()) and res.stdout.endswith(b"\n"), res.stdout[:200]
-        got = res.stdout[len(prompt.encode()) : -1]
-        assert got == want, (prompt, want, got)
-        distinct.update(new)
+            want = model(torch.tensor([ids])).logits[0]  # (T, V)
+        assert got.shape == want.shape
+        assert want.abs().max() > 5  # a trained model's logits, not ~0
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_llama_cpp_greedy_continuation_is_transformers_greedy(trained, gguf_f32, llama_check):
+    from transformers import AutoTokenizer
+
+    from genesis_hf import GenesisForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(trained)
+    model = GenesisForCausalLM.from_pretrained(trained, dtype=torch.float32).eval()
+    distinct = set()
+    for prompt in _prompts(trained):
+        want = _greedy_hf(model, tok, prompt)
+        res = subprocess.run([llama_check, "generate", gguf_f32, "32", prompt], capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-2000:]
+        got = tuple(json.loads(line) for line in res.stdout.strip().splitlines())
+        assert got == want, (prompt, tok.decode(want[1]), tok.decode(got[1]))  # prompt ids (no BOS), then 32 new
+        distinct.update(want[1])
     assert len(distinct) > 20  # real text, not one token repeated
 
 
