@@ -243,8 +243,17 @@ class PackedLoader:
         self.batches = int(state["batches"])
 
 
+class ValidationBatches(dict):
+    """{source: [(B, T+1) int64]} that also says which data folder (and tokenizer fingerprint) it
+    came from, so that an evaluation can find the folder's count baselines (training/evaluation.py)."""
+
+    def __init__(self, data_dir: Path, fingerprint: str):
+        super().__init__()
+        self.data_dir, self.fingerprint = data_dir, fingerprint
+
+
 def validation_batches(data_dir, *, seq_len: int, micro_batch_size: int, max_batches: int = 8,
-                       expected_fingerprint: str | None = None) -> dict[str, list[torch.Tensor]]:  # fmt: skip
+                       expected_fingerprint: str | None = None) -> ValidationBatches:  # fmt: skip
     """Held-out batches per source: consecutive windows of the val shards, the same on every rank
     and every call. Each batch is (<= micro_batch_size, seq_len + 1) int64; only the last may be short.
     A source with less than one window of held-out text is left out (and logged)."""
@@ -252,7 +261,7 @@ def validation_batches(data_dir, *, seq_len: int, micro_batch_size: int, max_bat
     manifest = shards.read_manifest(data_dir)
     shards.check_fingerprint(data_dir, manifest, expected_fingerprint)
     dtype, window = np.dtype(manifest["dtype"]), seq_len + 1
-    out: dict[str, list[torch.Tensor]] = {}
+    out = ValidationBatches(data_dir, manifest["fingerprint"])
     for name in sorted(manifest["sources"]):
         src = _Source(data_dir, name, manifest["sources"][name], "val", dtype, checksum=False)
         n = min(src.tokens // window, max_batches * micro_batch_size)
