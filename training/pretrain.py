@@ -51,6 +51,7 @@ from training.args import ConfigError, PretrainArguments, parse_args  # noqa: E4
 from training.checkpoint import CheckpointError  # noqa: E402
 from training.checkpoint.async_save import Checkpointer, plan_mode  # noqa: E402
 from training.checkpoint.layout import step_dirname  # noqa: E402
+from training.evaluation import token_byte_lengths, validation_metrics  # noqa: E402
 from training.fsdp import (  # noqa: E402
     compile_decoder_layers,
     fsdp_summary,
@@ -58,7 +59,6 @@ from training.fsdp import (  # noqa: E402
     use_genesis_policy,
 )
 from training.hub_sync import HubSync  # noqa: E402
-from training.inspection.evaluate import evaluate_model, token_byte_lengths  # noqa: E402
 from training.metrics import MetricsLogger, scrub  # noqa: E402
 from training.reliability import SpikeGuard, TestFaults, startup_check  # noqa: E402
 from training.run_setup import (  # noqa: E402
@@ -312,11 +312,11 @@ def tokens_by_source(loader, accelerator) -> dict[str, int]:
 
 
 def evaluate(model, val: dict[str, list[torch.Tensor]], byte_lengths: torch.Tensor) -> dict[str, dict]:
-    """Held-out loss (nats/token) and bits per byte per source. Every rank runs the same batches
-    (FSDP needs every rank in every forward), so no reduction is needed; `genesis eval` on the
-    saved checkpoint reproduces these numbers (training/inspection/evaluate.py)."""
-    res = evaluate_model(model, val, byte_lengths)
-    return {"val_loss": {s: r["loss"] for s, r in res.items()}, "val_bpb": {s: r["bpb"] for s, r in res.items()}}
+    """Held-out loss (nats/token) and bits per byte per source, beside the unigram and bigram
+    baselines counted from the train shards (val_unigram, val_bigram, val_bigram_bpb, val_vs_bigram;
+    training/evaluation.py). Every rank runs the same batches (FSDP needs every rank in every
+    forward), so no reduction is needed; `genesis eval` on the saved checkpoint reproduces these."""
+    return validation_metrics(model, val, byte_lengths)
 
 
 def save(args, checkpointer, step, model, optimizer, scheduler, loader, train_state, meta) -> None:
