@@ -149,7 +149,8 @@ def test_report(inspect_run, tmp_path):  # noqa: F811
     logged = read_metrics(inspect_run)[6]["val_loss"]
     src, v = sorted(logged.items())[0]
     assert f"{src} {v:.4f}" in md  # the loop's number ...
-    assert f"| tiny-run@6 | 6 | {v:.4f} |" in md  # ... and ours on the same windows agree
+    assert f"| tiny-run@6 | 6 | {src} | {v:.4f} |" in md  # ... and ours on the same windows agree
+    assert "## Model vs counting" in md and "| source | model | bigram |" in md
     assert (out.parent / "readme_curves.png").stat().st_size > 10_000
     assert report_main([str(tmp_path / "nothing")]) == 2
 

@@ -131,7 +131,7 @@ class MetricsLogger:
             flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
             for src, n in (record.get("tokens_by_source") or {}).items():
                 flat[f"tokens/{src}"] = n
-            for key in ("val_loss", "val_bpb"):
+            for key in ("val_loss", "val_bpb", "val_unigram", "val_bigram", "val_bigram_bpb", "val_vs_bigram"):
                 for src, v in (record.get(key) or {}).items():
                     flat[f"{key}/{src}"] = v
             self.wandb_run.log(flat, step=record["step"])

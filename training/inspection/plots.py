@@ -8,7 +8,8 @@ gradient norm and tokens/s, with resumes, extensions and checkpoints marked.
 SOURCES are output folders, metrics.jsonl files or wandb run files (see training/inspection/runs.py).
 Markers: dashed vertical line = a resume (a launch continued from that step's checkpoint),
 broad faint band = an extension (max_steps grew; the new value is written at the top of the first
-panel), small triangles on the step axis = committed checkpoints.
+panel), small triangles on the step axis = committed checkpoints. In the loss panel, a dashed
+horizontal line per source is the bigram baseline on the held-out windows (training/evaluation.py).
 """
 
 from __future__ import annotations
@@ -110,6 +111,11 @@ def plot_runs(runs: list[Run], output: str | Path, *, panels: list[str] | None =
                     ax.plot(vx, vy, color=color, linestyle=(0, (4, 1 + 2 * j)), marker="osD^vP*X"[j % 8], markersize=4,
                             linewidth=1.0, alpha=0.85, label=f"{run.name} val {src}")
                     drawn = True
+                    bx, by = run.series("val_bigram", src)
+                    if by:  # counting's score on the same windows: the curve has to end below it
+                        ax.axhline(by[-1], color=color, linestyle="--", linewidth=0.9, alpha=0.6)
+                        ax.annotate(f"bigram {src} {by[-1]:.2f}", (0.0, by[-1]), xycoords=("axes fraction", "data"),
+                                    xytext=(3, 2 + 9 * j), textcoords="offset points", fontsize=7, color=color)
             _mark(ax, run, color, annotate=panel == panels[0])
         steps = [s for r in runs for s in r.steps]
         ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)  # every panel on the same step axis

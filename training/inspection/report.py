@@ -6,8 +6,9 @@
 
 Sections: config (from the newest checkpoint's meta, else the wandb config), throughput and MFU
 (medians over the second half of the logged steps: warm-up excluded), the loss curve and the
-other training curves (resumes, extensions and checkpoints marked), the checkpoints on disk, and
-an evaluation table (held-out loss and bits per byte per source of the newest checkpoints, beside
+other training curves (resumes, extensions and checkpoints marked), the checkpoints on disk,
+model vs counting (held-out loss beside the unigram and bigram baselines per source, flagged when
+the model is not below the bigram after a quarter of the run), and an evaluation table (held-out loss and bits per byte per source of the newest checkpoints, beside
 the loss the training loop logged). Plots are PNGs next to the markdown file.
 """
 
@@ -116,6 +117,7 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, *, evalu
     else:
         md += ["No committed checkpoint under `checkpoints/`."]
     md += _saves_section(run)
+    md += ["", "## Model vs counting", ""] + _baseline_section(run)
     md += ["", "## Evaluation", ""] + _eval_section(run, ckpts, evaluate, eval_last, max_batches, data_dir, device)
     tmp = output.with_name(f".{output.name}.tmp")
     tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
@@ -139,6 +141,48 @@ def _saves_section(run) -> list[str]:
             f"{r.get('waited_for_previous_s', 0):.2f} | {r.get('bytes', 0) / 2**20:.1f} |" for r in saves]
     blocked = sorted(r.get("blocked_s", 0.0) for r in saves)
     out += ["", f"Median stall per save: {blocked[len(blocked) // 2]:.3f} s over {len(saves)} saves."]
+    return out
+
+
+BIGRAM_CHECK_FROM = 0.25  # share of the run after which a model must be below the bigram baseline
+
+
+def _baseline_section(run, check_from: float = BIGRAM_CHECK_FROM) -> list[str]:
+    """Model vs bigram per source at the last logged evaluation, and a flag for every source whose
+    held-out loss is not below the bigram's at an evaluation after `check_from` of the run's steps."""
+    evals = [s for s in sorted(run.steps) if run.steps[s].get("val_bigram")]
+    if not evals:
+        return ["No baseline in the logged evaluations (metrics from before the baselines, or eval_steps 0)."]
+    last = run.steps[evals[-1]]
+    out = [f"Held-out loss at step {evals[-1]} beside counting on the same windows (nats/token; the baselines are "
+           "counted from the train shards, training/evaluation.py):", "",
+           "| source | model | bigram | unigram | model bpb | bigram bpb | model vs bigram |", "|---|---|---|---|---|---|---|"]
+    for src in sorted(last["val_bigram"]):
+        loss, bpb = last.get("val_loss", {}).get(src), last.get("val_bpb", {}).get(src)
+        big, bbpb = last["val_bigram"][src], (last.get("val_bigram_bpb") or {}).get(src)
+        uni = (last.get("val_unigram") or {}).get(src)
+        vs = loss / big - 1 if loss is not None else None
+        out.append(f"| {src} | {_fmt(loss)} | {_fmt(big)} | {_fmt(uni)} | {_fmt(bpb)} | {_fmt(bbpb)} | "
+                   f"{f'{vs:+.1%}' if vs is not None else '-'} |")
+    start = int(max(run.steps) * check_from)
+    bad: dict[str, list[int]] = {}
+    for s in evals:
+        if s < start:
+            continue
+        rec = run.steps[s]
+        for src, big in rec["val_bigram"].items():
+            loss = rec.get("val_loss", {}).get(src)
+            if loss is not None and not loss < big:
+                bad.setdefault(src, []).append(s)
+    out.append("")
+    if bad:
+        out += [f"**FLAG: not below the bigram baseline** after step {start} ({check_from:.0%} of the run): "
+                + "; ".join(f"{src} at steps {', '.join(map(str, steps))}" for src, steps in sorted(bad.items()))
+                + ". The model has learned no more than pairs of tokens there: check the data, the LR and the "
+                  "pipeline before reading anything else in this report."]
+    else:
+        out.append(f"Below the bigram baseline on every source at every evaluation after step {start} "
+                   f"({check_from:.0%} of the run).")
     return out
 
 

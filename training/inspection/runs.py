@@ -107,7 +107,8 @@ def _from_records(run: Run, records: list[dict]) -> None:
         run.steps[step] = rec
 
 
-_NESTED = {"val_loss": "val_loss", "val_bpb": "val_bpb", "tokens": "tokens_by_source"}
+_NESTED = {"val_loss": "val_loss", "val_bpb": "val_bpb", "val_unigram": "val_unigram", "val_bigram": "val_bigram",
+           "val_bigram_bpb": "val_bigram_bpb", "val_vs_bigram": "val_vs_bigram", "tokens": "tokens_by_source"}
 
 
 def _wandb_row(row: dict) -> dict | None:
