@@ -78,6 +78,20 @@ def test_uploads_while_training_and_exit_waits(uploaded):
     assert_no_token(res.stdout, res.stderr, out, hub)
 
 
+def test_async_saves_hand_over_from_their_commit(embedded_data, tmp_path):  # noqa: F811
+    """save_mode async: the commit runs in a background thread, which calls hub.submit."""
+    out, hub = tmp_path / "run", tmp_path / "hub"
+    res = ok(run_pretrain(out, embedded_data, *ARGS, *PUSH, "--save_mode", "async", env=_env(hub)))
+    assert hub_events(out) == [(2, "done"), (4, "done")]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert next(r for r in records if r.get("event") == "checkpoint_plan")["mode"] == "async"
+    losses = read_metrics(out)
+    for step in (2, 4):  # the card carries the loss of the step that was saved
+        card = (FakeHfApi(hub).snapshot_dir(REPO, f"step-{step:08d}") / "README.md").read_text()
+        assert f"| last training loss | {losses[step]['loss']} |" in card
+    assert_no_token(res.stdout, res.stderr, out, hub)
+
+
 def test_resume_from_the_hub(uploaded, embedded_data, tmp_path):  # noqa: F811
     first, hub, _ = uploaded
     out = tmp_path / "elsewhere"
