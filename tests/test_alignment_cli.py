@@ -134,15 +134,14 @@ def test_bad_cycle_recipes_fail_with_one_clear_line(tmp_path, capsys):
     assert "field 'parent' is required" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_sft_then_dpo_under_accelerate_launch_with_two_cpu_processes(base, tmp_path):
     """The documented `accelerate launch ... alignment/sft.py --config ...` path, 2 gloo ranks (MULTI_CPU).
 
-    `--use_cpu true` is what makes TrainingArguments see the CPU ranks as distributed. About 40 s; marked
-    slow because on a loaded shared 2-core machine a launch sometimes stalled after training finished
-    (3 of ~7 full-suite runs, never in 6 isolated launches); a stall fails after 240 s with every rank's
-    traceback (faulthandler) instead of hanging the suite."""
+    `--use_cpu true` is what makes TrainingArguments see the CPU ranks as distributed. About 30 s idle.
+    Under CPU load a launch used to stall after training: freeing the trainer deadlocked gloo's teardown
+    (alignment/sft.py:end_run); the scripts now end multi-process runs with os._exit. Should a launch
+    stall again, it fails after 240 s with every rank's traceback (faulthandler) instead of hanging."""
     root = Path(__file__).resolve().parents[1]
     with socket.socket() as sock:  # a free port: other suites on this machine may hold 29500
         sock.bind(("127.0.0.1", 0))
