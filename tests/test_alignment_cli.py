@@ -138,7 +138,7 @@ def test_bad_cycle_recipes_fail_with_one_clear_line(tmp_path, capsys):
 def test_sft_then_dpo_under_accelerate_launch_with_two_cpu_processes(base, tmp_path):
     """The documented `accelerate launch ... alignment/sft.py --config ...` path, 2 gloo ranks (MULTI_CPU).
 
-    `--use_cpu true` is what makes TrainingArguments see the CPU ranks as distributed. About 30 s idle.
+    `--use_cpu true` is what makes TrainingArguments see the CPU ranks as distributed. 44 s at load 6.
     Under CPU load a launch used to stall after training: freeing the trainer deadlocked gloo's teardown
     (alignment/sft.py:end_run); the scripts now end multi-process runs with os._exit. Should a launch
     stall again, it fails after 240 s with every rank's traceback (faulthandler) instead of hanging."""

@@ -9,7 +9,7 @@ into FSDP). What is checked is what a 2-GPU run depends on:
   holds exactly the weights every rank's DCP shards hold at the last step;
 - `torch_compile` compiles the decoder layers, never the whole model.
 
-About 30 s on an idle 2-core machine (two launches of ~15 s)."""
+About 35 s on a shared 2-core machine (two launches of ~15 s)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ pretrain.py then sets up gloo on CPU, and the shim grants FSDP.
 
 The run trains, saves, has BOTH machines SIGKILLed (every process of both launchers, mid-run), is
 resumed with `--resume auto` on both, and logs the same per-step losses, grad norms and LRs as an
-uninterrupted two-machine run, bit for bit.
+uninterrupted two-machine run, bit for bit. 53 s at load average 6 on 2 cores (three runs of 8 steps).
 """
 
 from __future__ import annotations
