@@ -170,6 +170,10 @@ class HubSync:
             self._record(step, "failed", error=f"cannot stage {checkpoint}: {redact(str(e))}")
             return
         with self._cv:
+            if self._stop.is_set():  # after close(): nothing will upload it in this process
+                self._events.append(self._event(step, "unfinished", staging=str(job.staging),
+                                                error="submitted after close(); re-queued at the next launch"))
+                return
             if self.strategy == "end":  # only the newest one is uploaded, at close()
                 old, self._pending_end = self._pending_end, job
                 if old is not None:
@@ -425,10 +429,13 @@ class HubSync:
             parts.append(f"previous upload {self._last_done}")
         return "; ".join(parts)
 
-    def _record(self, step: int, status: str, **fields) -> None:
+    def _event(self, step: int, status: str, **fields) -> dict:
         rec = {"event": "hub_upload", "ckpt_step": int(step), "status": status, "repo": self.repo_id,
                "time": round(time.time(), 3)}
-        rec |= {k: v for k, v in fields.items() if v is not None}
+        return rec | {k: v for k, v in fields.items() if v is not None}
+
+    def _record(self, step: int, status: str, **fields) -> None:
+        rec = self._event(step, status, **fields)
         with self._cv:
             self._events.append(rec)
 
