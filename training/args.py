@@ -122,6 +122,8 @@ class PretrainArguments:
     hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the repo private."})
     hub_revision: str | None = field(default=None, metadata={"help": "Branch that follows the newest upload (default main)."})
     hub_exit_timeout_minutes: float = field(default=30.0, metadata={"help": "At exit, wait at most this long for uploads in flight."})
+    hub_upload_attempts: int = field(default=6, metadata={"help": "Tries per checkpoint upload before it is given up (training goes on)."})
+    hub_backoff_seconds: float = field(default=30.0, metadata={"help": "Wait after the first failed upload; doubles per retry, at most 10 minutes."})
 
     # ---- reliability -----------------------------------------------------------------
     nonfinite_policy: Literal["stop", "skip"] = field(

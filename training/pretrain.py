@@ -216,6 +216,7 @@ def train(args: PretrainArguments) -> int:
 
     last_save, consecutive_skips, window_t, window_steps = time.monotonic(), 0, 0.0, 0
     last_saved_step = step if resumed is not None else -1
+    last_eval: dict = {}
     exit_code = 0
     with close_on_error(checkpointer):  # a failing run still lets the save in flight commit
         while step < args.max_steps:
@@ -252,6 +253,7 @@ def train(args: PretrainArguments) -> int:
                 window_t, window_steps = 0.0, 0
                 if args.eval_steps and (step % args.eval_steps == 0 or step == args.max_steps):
                     record |= evaluate(model, val, byte_lengths)
+                    last_eval = {"step": step, "val_bpb": record.get("val_bpb")}
                 metrics.log(record)
                 for event in hub.events() if hub is not None else ():
                     metrics.log(event)
@@ -263,6 +265,8 @@ def train(args: PretrainArguments) -> int:
             flag = torch.tensor([float(due or (time_due and main_proc))])
             if all_reduce_sum(flag, accelerator.device).item() > 0:
                 summaries[step] = {"loss": res.loss, "tokens": train_state["tokens_seen"]}
+                if last_eval.get("step") == step:  # the card shows the step's validation bits per byte
+                    summaries[step]["val_bpb"] = last_eval["val_bpb"]
                 save(args, checkpointer, step, model, optimizer, scheduler, loader, train_state, meta)
                 last_save, last_saved_step = time.monotonic(), step
             for event in checkpointer.records():
