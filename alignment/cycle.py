@@ -9,7 +9,7 @@ The cycle folder (`output_dir/name`, never reused) ends up holding:
     pairs.jsonl           the preference pairs DPO trained on
     lineage.json          parent checkpoint, constitution, data, recipes (path, sha256, values),
                           scores before SFT / after SFT / after DPO, git commit; written last
-    results.md            the evaluation table
+    results.md            the evaluation table (degenerate stages flagged: alignment/evaluate.py)
 so that cycles from 40k, 60k and 80k steps compare side by side (`genesis align compare`).
 
 With `launcher` set (e.g. "accelerate launch --config_file accelerate_configs/fsdp_2gpu_pcie.yaml"),
@@ -25,7 +25,6 @@ import json
 import logging
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -114,7 +113,7 @@ def run_cycle(cfg: dict) -> dict:
     """Run every stage of one cycle; returns the lineage record (also written to lineage.json)."""
     from alignment.constitution import load_constitution
     from alignment.data import read_prompts
-    from alignment.evaluate import evaluate_path, format_table, log_to_wandb
+    from alignment.evaluate import degeneracy_flags, evaluate_path, format_table, log_to_wandb
     from alignment.generate import load_model_and_tokenizer
     from alignment.pairs import build_pairs, read_seed_pairs, write_jsonl
     from alignment.scorer import get_scorer
@@ -184,6 +183,10 @@ def run_cycle(cfg: dict) -> dict:
     lineage["scores"]["dpo"] = evaluate_path(out / "dpo", eval_prompts, scorer, **eval_kwargs)
 
     table = format_table(lineage["scores"])
+    lineage["flags"] = degeneracy_flags(lineage["scores"])
+    for stage, reasons in lineage["flags"].items():
+        if reasons:
+            logger.warning("cycle %s: %s output is degenerate: %s", cfg["name"], stage, "; ".join(reasons))
     (out / "results.md").write_text(f"# {cfg['name']}\n\n{table}\n", encoding="utf-8")
     if cfg.get("report_to_wandb", True):
         lineage["wandb_dir"] = log_to_wandb(
@@ -202,25 +205,24 @@ def quickstart_align(parent: str | Path, output_dir: str | Path = "runs/align/cy
 
 
 def compare_lineages(paths: list[str | Path]) -> str:
-    """Side-by-side table of several cycles' lineage.json files, one row per cycle and stage."""
+    """Side-by-side table of several cycles' lineage.json files, one row per cycle and stage, with
+    degenerate stages flagged (alignment/evaluate.py: short against the parent stage, loops, empty)."""
+    from alignment.evaluate import degeneracy_flags
+
     lines = [
-        "| cycle | parent step | constitution | stage | hedging rate | curiosity | score |",
-        "| --- | ---: | --- | --- | ---: | ---: | ---: |",
+        "| cycle | parent step | constitution | stage | hedging rate | curiosity | score | words | flags |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for path in paths:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no lineage.json (a cycle that did not finish writes none)")
         lin = json.loads(path.read_text(encoding="utf-8"))
+        flags = degeneracy_flags(lin["scores"])
         for stage, r in lin["scores"].items():
             lines.append(
                 f"| {lin['cycle']} | {lin['parent'].get('step') or '-'} | v{lin['constitution']['version']} | {stage} "
-                f"| {r['hedging_rate']:.1%} | {r['curiosity']:.3f} | {r['score']:+.3f} |"
+                f"| {r['hedging_rate']:.1%} | {r['curiosity']:.3f} | {r['score']:+.3f} | {r['mean_words']:.1f} "
+                f"| {'DEGENERATE: ' + '; '.join(flags[stage]) if flags[stage] else 'ok'} |"
             )
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    from alignment.cli import cli_main
-
-    sys.exit(cli_main(["cycle", *sys.argv[1:]]))
