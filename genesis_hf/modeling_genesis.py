@@ -361,7 +361,8 @@ class GenesisModel(GenesisPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if cache is None:  # transformers < 5.24 and some callers still say past_key_values
             cache = kwargs.pop("past_key_values", None)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # a training forward keeps no cache unless asked (it would only cost)
+            use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
             use_cache = False  # recomputed layers would append to the cache twice
         seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]

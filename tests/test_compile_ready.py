@@ -30,6 +30,26 @@ def test_training_forward_has_no_graph_break(target):
     assert explained.graph_count == 1
 
 
+def test_one_graph_serves_every_layer():
+    """Per-layer compile must not recompile per layer: a per-layer constant in the traced code
+    (a KV cache indexed by layer_idx, built by a training forward) would compile one graph per
+    layer and, past dynamo's recompile limit of 8, silently leave the other layers eager."""
+    import torch._dynamo.utils as dynamo_utils
+
+    torch.manual_seed(0)
+    model = GenesisForCausalLM(GenesisConfig(**{**TINY, "num_hidden_layers": 12})).train()
+    compile_decoder_layers(model)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    x = torch.randint(0, TINY["vocab_size"], (2, 16))
+    for _ in range(2):
+        out = model(input_ids=x, shift_labels=x)
+        out.loss.backward()
+    assert out.cache is None  # a training forward keeps no KV cache unless asked
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1, dict(dynamo_utils.counters["stats"])
+    assert dynamo_utils.counters["frames"]["ok"] == 1, dict(dynamo_utils.counters["frames"])
+
+
 def test_inference_still_checks_its_inputs():
     model = _model().eval()
     with pytest.raises(ValueError, match="outside the vocabulary"):

@@ -30,6 +30,9 @@ def qs_run(tmp_path_factory, embedded_data):  # noqa: F811
 
 def test_quickstart_trains_exports_and_samples(qs_run, capsys):
     records = [json.loads(x) for x in (qs_run / "run" / "metrics.jsonl").read_text().splitlines()]
+    saves = [r for r in records if r.get("event") == "checkpoint"]
+    assert saves and saves[-1]["step"] == 3  # the final save, recorded
+    records = [r for r in records if "event" not in r]  # the training steps
     assert records[-1]["step"] == 3
     val = records[-1]["val_loss"]  # per source with held-out text, at the last step
     assert val and set(val) <= {"python-docs", "python-code"} and all(v > 0 for v in val.values())
