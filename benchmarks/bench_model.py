@@ -59,7 +59,9 @@ def sync(device):
 
 
 def train_step(model, ids):
-    model(ids, labels=ids).loss.backward()
+    # use_cache=False: Llama's config says use_cache, and a training forward that fills a KV cache
+    # indexed by layer makes per-layer torch.compile recompile once per layer (eager past 8).
+    model(ids, labels=ids, use_cache=False).loss.backward()
     model.zero_grad(set_to_none=True)
 
 
