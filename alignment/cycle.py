@@ -117,7 +117,7 @@ def run_cycle(cfg: dict) -> dict:
     from alignment.generate import load_model_and_tokenizer
     from alignment.pairs import build_pairs, read_seed_pairs, write_jsonl
     from alignment.scorer import get_scorer
-    from genesis_hf.export import export
+    from training.export import export  # a checkpoint or a model folder
 
     out = Path(cfg["output_dir"]) / cfg["name"]
     if out.exists():

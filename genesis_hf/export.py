@@ -1,4 +1,5 @@
-"""`genesis export SRC DST`: make a `from_pretrained` folder from a model or a training checkpoint.
+"""Model folder -> a `from_pretrained` folder (Genesis or Llama) or a GGUF file. The `genesis export`
+command (training/export.py) also takes training checkpoints.
 
     genesis export runs/1b/checkpoints/step-00040000 exports/1b-40k           # training checkpoint
     genesis export exports/1b-40k exports/1b-40k-llama --format llama         # stock LlamaForCausalLM
@@ -14,7 +15,6 @@ nothing half-written. `--format gguf` writes one file (see `gguf_export.py`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -131,7 +131,7 @@ def _is_training_checkpoint(src: Path) -> bool:
 
 def export(src: str | Path, dst: str | Path, *, fmt: str = "genesis", push_to_hub: str | None = None,
            outtype: str | None = None) -> Path:
-    """Write `src` (model folder or training checkpoint) as a `fmt` model folder at `dst`, or for
+    """Write the model folder `src` as a `fmt` model folder at `dst`, or for
     fmt "gguf" as one GGUF file with 2-D weights in `outtype` (f32, bf16, f16 (default), q8_0)."""
     src, dst = Path(src), Path(dst)
     if fmt not in FORMATS:
@@ -152,18 +152,9 @@ def export(src: str | Path, dst: str | Path, *, fmt: str = "genesis", push_to_hu
         raise ExportError(f"{src}: no such folder.")
     if dst.exists():
         raise ExportError(f"{dst} already exists; refusing to overwrite an export.")
-    if _is_training_checkpoint(src):
-        from training.export import export_checkpoint  # the training package owns checkpoints
-
-        if fmt == "genesis":
-            return export_checkpoint(src, dst, push_to_hub=push_to_hub)
-        staging = dst.with_name(f".{dst.name}.genesis-tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        export_checkpoint(src, staging)
-        try:
-            return export(staging, dst, fmt=fmt, push_to_hub=push_to_hub, outtype=outtype)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    if _is_training_checkpoint(src):  # genesis_hf never imports the training package (docs: STYLE 11)
+        raise ExportError(f"{src} is a training checkpoint; this function reads model folders. Export it with "
+                          f"`genesis export {src} {dst}` (training.export.export).")
 
     if fmt == "gguf":
         model = convert_model(src, "llama")  # Llama names; a strict load proves the mapping is complete
@@ -197,42 +188,6 @@ def export(src: str | Path, dst: str | Path, *, fmt: str = "genesis", push_to_hu
 
         push_folder(dst, push_to_hub)
     return dst
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="genesis export",
-        description="Turn a training checkpoint or a model folder into a from_pretrained-ready folder.",
-    )
-    parser.add_argument("src", help="a training checkpoint (checkpoints/step-N) or a model folder")
-    parser.add_argument("dst", help="the folder (or, for gguf, the .gguf file) to write; must not exist")
-    parser.add_argument(
-        "--format",
-        choices=FORMATS,
-        default="genesis",
-        help="genesis: GenesisForCausalLM (default); llama: a stock LlamaForCausalLM with the same weights; "
-        "gguf: one file for llama.cpp and Ollama",
-    )
-    parser.add_argument(
-        "--outtype",
-        default=None,
-        help=f"gguf only: type of the 2-D weights, one of {', '.join(OUTTYPES)} (default f16); norms stay f32",
-    )
-    parser.add_argument(
-        "--push-to-hub",
-        metavar="REPO_ID",
-        help="also upload the folder to this Hub repo (token from HF_TOKEN only)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        out = export(args.src, args.dst, fmt=args.format, push_to_hub=args.push_to_hub, outtype=args.outtype)
-    except ExportError as err:
-        print(f"genesis export: error: {err}")
-        return 2
-    kind = f"gguf, {args.outtype or 'f16'}" if args.format == "gguf" else args.format
-    print(f"exported {args.src} -> {out} ({kind})")
-    return 0
 
 
 __all__ = ["FORMATS", "ExportError", "convert_model", "export", "genesis_to_llama_config", "llama_to_genesis_config"]

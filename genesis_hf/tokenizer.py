@@ -162,18 +162,17 @@ def _iter_sources(sources, field: str, sample_bytes: int | None) -> Iterator[tup
     if isinstance(sources, (str, Path)):
         sources = [sources]
     if not isinstance(sources, (list, tuple)):
-        yield from (("texts", t) for t in sources)  # an iterator of documents
+        # an iterator of documents, or of (source name, document) pairs (a mixture read by training/)
+        yield from (t if isinstance(t, tuple) else ("texts", t) for t in sources)
         return
     for src in sources:
         path = Path(src)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer source not found: {path}")
-        if path.suffix.lower() in (".yaml", ".yml"):
-            from training.data.mixture import iter_mixture_texts  # lazy: training is not shipped to the Hub
-
-            yield from iter_mixture_texts(path, max_bytes=sample_bytes)
-        else:
-            yield from ((path.name, t) for t in _read_file(path, field))
+        if path.suffix.lower() in (".yaml", ".yml"):  # genesis_hf never imports training (STYLE 11)
+            raise ValueError(f"{path}: a mixture recipe is read by the training package: run `genesis tokenizer "
+                             f"train {path} ...`, or pass training.data.mixture.iter_mixture_texts({path.name!r})")
+        yield from ((path.name, t) for t in _read_file(path, field))
 
 
 # ----------------------------------------------------------------------------- training
@@ -397,7 +396,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def cli_main(argv: list[str]) -> int:
+def cli_main(argv: list[str], *, read_sources=None) -> int:
+    """`read_sources(paths, sample_bytes)`, when given, turns the command's sources into what
+    train_tokenizer reads (the `genesis` command passes one that reads mixture recipes)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.action == "fingerprint":
@@ -405,7 +406,7 @@ def cli_main(argv: list[str]) -> int:
         return 0
     try:
         tok = train_tokenizer(
-            args.sources,
+            read_sources(args.sources, args.sample_bytes) if read_sources else args.sources,
             args.vocab_size,
             args.output,
             min_frequency=args.min_frequency,

@@ -60,7 +60,7 @@ def _wait_for_wandb(out: Path, steps: int, timeout: float = 30) -> None:
 
 @pytest.fixture(scope="session")
 def inspect_export(inspect_run, tmp_path_factory) -> Path:
-    from genesis_hf.export import export
+    from training.export import export
 
     if "export" not in _MADE:
         dst = tmp_path_factory.mktemp("inspect-export") / "tiny-6"

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from genesis_hf.cli import COMMANDS, main
+from genesis_cli import COMMANDS, main
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -29,6 +29,6 @@ def test_unknown_command_is_refused(capsys):
 
 def test_module_entry_point_runs():
     result = subprocess.run(
-        [sys.executable, "-m", "genesis_hf.cli", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "genesis_cli", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and "quickstart" in result.stdout

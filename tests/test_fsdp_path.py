@@ -83,7 +83,7 @@ def test_export_of_the_fsdp_checkpoint_gives_the_live_models_logits(straight, tm
     logits the live FSDP model (bf16 compute from fp32 shards) gave at the end of training."""
     out, _ = straight
     dst = tmp_path / "export"
-    subprocess.run([sys.executable, "-m", "genesis_hf.cli", "export", str(out / "checkpoints" / f"step-{N:08d}"),
+    subprocess.run([sys.executable, "-m", "genesis_cli", "export", str(out / "checkpoints" / f"step-{N:08d}"),
                     str(dst)], cwd=REPO, check=True, capture_output=True, text=True)
     from transformers import AutoModelForCausalLM
 

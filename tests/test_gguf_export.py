@@ -12,8 +12,8 @@ import pytest
 import torch
 from test_tokenizer import ROUND_TRIP, _byte_fallback_tokenizer
 
+from genesis_cli import main as genesis_main
 from genesis_hf import GenesisConfig, GenesisForCausalLM
-from genesis_hf.cli import main as genesis_main
 from genesis_hf.export import ExportError, export
 from genesis_hf.tokenizer import PRETOKENIZE_PATTERN, SPECIAL_TOKENS, train_tokenizer
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from genesis_cli import main as genesis_main
 from genesis_hf import GenesisConfig, GenesisForCausalLM
-from genesis_hf.cli import main as genesis_main
 from genesis_hf.export import ExportError, convert_model, export, genesis_to_llama_config
 
 TINY = dict(

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parents[1] / "training" / "inspection"
 @pytest.fixture(scope="module")
 def revisions(inspect_run, inspect_export, tmp_path_factory):  # noqa: F811
     """Folders named like the Hub revisions HubSync makes, each a from_pretrained export."""
-    from genesis_hf.export import export
+    from training.export import export
 
     root = tmp_path_factory.mktemp("revisions")
     export(checkpoint(inspect_run, 2), root / "step-00000002")

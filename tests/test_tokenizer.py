@@ -147,9 +147,20 @@ def test_train_from_files_cli_and_report(tmp_path):
 
 
 def test_train_from_mixture_recipe(tmp_path):
-    tok = train_tokenizer([FIXTURES / "mixture.yaml"], 420, min_frequency=1, show_progress=False)
+    from training.data.mixture import iter_mixture_texts
+    from training.tokenizer_cli import cli_main as genesis_tokenizer
+
+    # genesis_hf reads no mixture recipe itself (it never imports training): the pairs come from training/
+    with pytest.raises(ValueError, match="a mixture recipe is read by the training package"):
+        train_tokenizer([FIXTURES / "mixture.yaml"], 420, min_frequency=1, show_progress=False)
+    tok = train_tokenizer(iter_mixture_texts(FIXTURES / "mixture.yaml"), 420, min_frequency=1, show_progress=False)
     assert len(tok) == 420
     assert "openhermes" in tok.genesis_report["bytes_per_token"]
+    # `genesis tokenizer train MIXTURE.yaml` reads it through training/tokenizer_cli.py
+    out = tmp_path / "tok"
+    assert genesis_tokenizer(["train", str(FIXTURES / "mixture.yaml"), "--vocab-size", "420", "--min-frequency", "1",
+                              "--output", str(out), "--no-progress"]) == 0
+    assert "openhermes" in json.loads((out / "genesis_tokenizer.json").read_text())["bytes_per_token"]
 
 
 def test_bad_input_is_named(tmp_path):

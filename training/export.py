@@ -2,8 +2,9 @@
 
     genesis export runs/genesis-1b/checkpoints/step-00040000 out/genesis-1b-40k [--format llama]
 
-(`genesis_hf/export.py` owns the command and calls `export_checkpoint` for training
-checkpoints.) The folder holds safetensors weights, config.json (+ the modeling code through
+This module owns the `genesis export` command: a training checkpoint goes through
+`export_checkpoint`, a model folder straight to `genesis_hf.export.export` (Genesis, Llama, GGUF).
+The folder holds safetensors weights, config.json (+ the modeling code through
 auto_map), the tokenizer, generation_config.json and a model card with the run's step, tokens,
 loss, data mixture and parent checkpoint. Written to a temporary folder and renamed into place,
 so an interrupted export never leaves a half folder under the final name.
@@ -11,6 +12,7 @@ so an interrupted export never leaves a half folder under the final name.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -125,3 +127,66 @@ def start_push(folder: Path, repo_id: str) -> threading.Thread:
     thread.start()
     logger.info("pushing %s to the Hub repo %s in the background", folder, repo_id)
     return thread
+
+
+def export(src: str | Path, dst: str | Path, *, fmt: str = "genesis", push_to_hub: str | None = None,
+           outtype: str | None = None) -> Path:
+    """`genesis_hf.export.export` for model folders, and for training checkpoints too: a checkpoint
+    becomes a Genesis folder first (export_checkpoint), then `fmt` (llama, gguf) from that."""
+    from genesis_hf.export import ExportError as FolderExportError
+    from genesis_hf.export import _is_training_checkpoint
+    from genesis_hf.export import export as export_folder
+
+    src, dst = Path(src), Path(dst)
+    if not _is_training_checkpoint(src):
+        return export_folder(src, dst, fmt=fmt, push_to_hub=push_to_hub, outtype=outtype)
+    if fmt == "genesis" and outtype is None:
+        return export_checkpoint(src, dst, push_to_hub=push_to_hub)
+    if dst.exists():
+        raise FolderExportError(f"{dst} already exists; refusing to overwrite an export.")
+    staging = dst.with_name(f".{dst.name}.genesis-tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    export_checkpoint(src, staging)
+    try:
+        return export_folder(staging, dst, fmt=fmt, push_to_hub=push_to_hub, outtype=outtype)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    from genesis_hf.export import FORMATS, OUTTYPES
+    from genesis_hf.export import ExportError as FolderExportError
+
+    parser = argparse.ArgumentParser(
+        prog="genesis export",
+        description="Turn a training checkpoint or a model folder into a from_pretrained-ready folder.",
+    )
+    parser.add_argument("src", help="a training checkpoint (checkpoints/step-N) or a model folder")
+    parser.add_argument("dst", help="the folder (or, for gguf, the .gguf file) to write; must not exist")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="genesis",
+        help="genesis: GenesisForCausalLM (default); llama: a stock LlamaForCausalLM with the same weights; "
+        "gguf: one file for llama.cpp and Ollama",
+    )
+    parser.add_argument(
+        "--outtype",
+        default=None,
+        help=f"gguf only: type of the 2-D weights, one of {', '.join(OUTTYPES)} (default f16); norms stay f32",
+    )
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="also upload the folder to this Hub repo (token from HF_TOKEN only)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out = export(args.src, args.dst, fmt=args.format, push_to_hub=args.push_to_hub, outtype=args.outtype)
+    except (ExportError, FolderExportError) as err:
+        print(f"genesis export: error: {err}")
+        return 2
+    kind = f"gguf, {args.outtype or 'f16'}" if args.format == "gguf" else args.format
+    print(f"exported {args.src} -> {out} ({kind})")
+    return 0
