@@ -4,6 +4,8 @@ pretraining loop can call every N steps.
     genesis eval out/genesis-1b-40k --data runs/data                     # an export
     genesis eval runs/genesis-1b --max-batches 16 --json eval.json        # every checkpoint of a run
     genesis eval out/genesis-1b-40k --data runs/data --write-lm-eval-tasks tasks/   # lm-eval, offline
+    genesis eval out/genesis-1b-40k --data runs/data --lm-eval genesis_val_python_docs,my_mc \
+        --lm-eval-include my_tasks/                                       # run it (pip install -e '.[lm-eval]')
 
 The numbers are those of the training loop's validation (training/evaluation.py defines
 loss, bits per byte and the count baselines): each source's row shows the model beside the
@@ -125,7 +127,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--write-lm-eval-tasks", default=None, metavar="DIR",
                    help="write offline lm-evaluation-harness tasks for the held-out text of --data, "
                         "and print the lm_eval command (docs/inspect.md)")
+    p.add_argument("--lm-eval", default=None, metavar="TASKS",
+                   help="run lm-evaluation-harness on an export with these comma-separated LOCAL tasks: those "
+                        "in --lm-eval-include folders, and genesis_val_<source> (held-out text of --data)")
+    p.add_argument("--lm-eval-include", action="append", default=[], metavar="DIR",
+                   help="a folder of lm-eval task YAMLs (repeatable)")
+    p.add_argument("--lm-eval-limit", type=int, default=None, help="documents per task (default: all)")
     return p
+
+
+def _lm_eval(args) -> int:
+    import tempfile
+
+    from .lm_eval_tasks import run_lm_eval, write_val_text_tasks
+
+    include = list(args.lm_eval_include)
+    with tempfile.TemporaryDirectory(prefix="genesis-lm-eval-") as tmp:
+        if args.data:  # the held-out text of the data folder as genesis_val_<source> tasks
+            write_val_text_tasks(args.data, tmp, tokenizer_dir=args.tokenizer)
+            include.append(tmp)
+        rows = []
+        for path in args.paths:
+            res = run_lm_eval(path, [t for t in args.lm_eval.split(",") if t], include, device=args.device,
+                              batch_size=args.batch_size, limit=args.lm_eval_limit)
+            rows += [(path, task, metric, value) for task, m in sorted(res.items()) for metric, value in m.items()]
+    print("| model | task | metric | value |\n|---|---|---|---|")
+    print("\n".join(f"| {p} | {t} | {m} | {v:.4f} |" for p, t, m, v in rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([dict(zip(("model", "task", "metric", "value"), r)) for r in rows],
+                                              indent=1) + "\n")
+    return 0
 
 
 def cli_main(argv: list[str] | None = None) -> int:
@@ -134,6 +165,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.lm_eval:
+            return _lm_eval(args)
         if args.write_lm_eval_tasks:
             from .lm_eval_tasks import lm_eval_command, write_val_text_tasks
 

@@ -115,3 +115,51 @@ def lm_eval_command(model_path: str | Path, tasks_dir: str | Path, tasks: list[s
             f"pretrained={Path(model_path).resolve()},dtype=float32,trust_remote_code=True",
             "--include_path", str(Path(tasks_dir).resolve()), "--tasks", ",".join(tasks),
             "--device", device, "--batch_size", str(batch_size)]
+
+
+def find_local_tasks(dirs: list[str | Path]) -> dict[str, Path]:
+    """{task name: its YAML} for every `task:` YAML under `dirs` (recursively)."""
+    import yaml
+
+    found: dict[str, Path] = {}
+    for d in dirs:
+        for spec in sorted(Path(d).rglob("*.y*ml")):
+            try:
+                doc = yaml.safe_load(spec.read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError):
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("task"), str):
+                found.setdefault(doc["task"], spec)
+    return found
+
+
+def run_lm_eval(model_path: str | Path, tasks: list[str], include: list[str | Path], *, device: str = "cpu",
+                batch_size: int = 8, limit: int | None = None) -> dict[str, dict[str, float]]:
+    """Run lm-evaluation-harness (the `lm-eval` extra) on an export with LOCAL task files only:
+    {task: {metric: value}}. A task that no YAML under `include` defines is refused, naming it and
+    the folders searched (offline: lm-eval's own tasks would download their datasets)."""
+    model_path = Path(model_path)
+    if not (model_path / "config.json").is_file():
+        raise InspectError(f"{model_path}: --lm-eval runs on an exported model folder (genesis export CKPT DIR first)")
+    local = find_local_tasks(include)
+    unknown = [t for t in tasks if t not in local]
+    if unknown:
+        where = ", ".join(str(Path(d).resolve()) for d in include) or "(no folder given: --lm-eval-include DIR)"
+        raise InspectError(f"--lm-eval: unknown task(s) {', '.join(unknown)}: no task YAML defines them; searched "
+                           f"{where}; found {', '.join(sorted(local)) or 'none'}")
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise InspectError("--lm-eval needs lm-evaluation-harness: pip install -e '.[lm-eval]'") from e
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    manager = TaskManager(include_path=[str(Path(d).resolve()) for d in include], include_defaults=False)
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(model_path.resolve()), "dtype": "float32", "trust_remote_code": True},
+        tasks=list(tasks), task_manager=manager, device=device, batch_size=batch_size, limit=limit,
+        log_samples=False)
+    return {task: {k.split(",")[0]: v for k, v in res.items() if isinstance(v, (int, float)) and "_stderr" not in k}
+            for task, res in out["results"].items()}
