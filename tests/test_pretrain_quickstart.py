@@ -18,7 +18,7 @@ def qs_run(tmp_path_factory, embedded_data):  # noqa: F811
     root = tmp_path_factory.mktemp("qs")
     mp = pytest.MonkeyPatch()
     # The embedded corpus takes a minute to build; the tiny mixture goes through the same path.
-    mp.setattr(quickstart, "ensure_embedded_data", lambda _root: embedded_data)
+    mp.setattr(quickstart, "ensure_embedded_data", lambda _root, _vocab: embedded_data)
     try:
         rc = quickstart.cli_main(["--output-dir", str(root), "--max-steps", "3", "--max-new-tokens", "8",
                                   "--no-progress"])
@@ -37,6 +37,9 @@ def test_quickstart_trains_exports_and_samples(qs_run, capsys):
     val = records[-1]["val_loss"]  # per source with held-out text, at the last step
     assert val and set(val) <= {"python-docs", "python-code"} and all(v > 0 for v in val.values())
     assert set(records[-1]["tokens_by_source"]) == {"python-docs", "python-code"}
+    assert set(records[-1]["val_bigram"]) == set(val)  # the baselines beside every validation loss
+    lines = quickstart.versus_counting(qs_run / "run" / "metrics.jsonl")  # what the quickstart prints
+    assert len(lines) == len(val) and all(" vs bigram " in x for x in lines)
     model_dir = qs_run / "model" / "step-00000003"
     names = {p.name for p in model_dir.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= names
@@ -75,7 +78,7 @@ def test_quickstart_command_on_a_fresh_folder(tmp_path):
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-m", "genesis_hf.cli", "quickstart", "--output-dir", str(tmp_path),
+    res = subprocess.run([sys.executable, "-m", "genesis_cli", "quickstart", "--output-dir", str(tmp_path),
                           "--max-steps", "5", "--no-progress"], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "[4/5] samples" in res.stdout and (tmp_path / "model" / "step-00000005" / "model.safetensors").exists()
