@@ -98,7 +98,9 @@ def generate_replies(
         for i, p in enumerate(prompts):
             input_ids[i, width - len(p) :] = torch.tensor(p)
             attention_mask[i, width - len(p) :] = 1
-        kwargs = dict(do_sample=do_sample, temperature=temperature, top_p=top_p) if do_sample else {}
+        # Greedy means greedy: an export's generation_config may ask for sampling, and {} would follow it.
+        kwargs = (dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample
+                  else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
         generated = model.generate(
             input_ids=input_ids.to(model.device),
             attention_mask=attention_mask.to(model.device),
