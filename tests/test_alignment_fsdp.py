@@ -145,7 +145,11 @@ def test_logged_losses_are_fp32_not_bf16_rounded(runs):
         assert len(losses) == STEPS
         # One micro-batch per rank per step (SFT with gradient_accumulation_steps 1; DPO's recipe), 2 ranks.
         assert not any(on_bf16_grid(x, 2) for x in losses), (stage, losses)
-    assert logged_losses(root / "dpo")[0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
+    # Step 1: policy == reference, so the DPO rewards are 0 (whatever SFT term the recipe adds to the loss).
+    state = json.loads((root / "dpo" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    first = next(h for h in state["log_history"] if "rewards/margins" in h)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.distributed
