@@ -46,9 +46,10 @@ def genesis_policy(mixed_precision: str):
 
 
 def use_genesis_policy(accelerator) -> bool:
-    """Install `genesis_policy` on the accelerator's FSDP2 plugin. Call BEFORE `prepare` (a TRL
-    Trainer prepares inside `train()`, so after constructing the trainer is early enough).
-    Returns False (and does nothing) when the run is not FSDP2."""
+    """Install `genesis_policy` on the accelerator's FSDP2 plugin. Call BEFORE anything is wrapped:
+    pretrain.py calls it before `prepare`; the TRL scripts from the Trainer's accelerator hook
+    (DPOTrainer wraps its reference model inside `__init__`). Returns False (and does nothing)
+    when the run is not FSDP2."""
     from accelerate.utils import DistributedType
 
     state = accelerator.state
