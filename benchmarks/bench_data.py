@@ -3,7 +3,7 @@
     python benchmarks/bench_data.py [--vocab-sizes 4096 8192] [--repeats 3] [--no-write]
 
 On the embedded corpus (the stdlib prose + code of embedded.yaml), in one process:
-1. train our byte-fallback BPE (`tokenizers`) and a sentencepiece BPE (byte_fallback=True) of
+1. train our byte-level BPE (`tokenizers`) and a sentencepiece BPE (byte_fallback=True) of
    the same vocabulary size on the same text, alternating, median of `--repeats`;
 2. encode the corpus with both (batch APIs, all cores), interleaved; report MB/s, bytes per token
    per source and whether decode(encode(x)) == x for every document;
