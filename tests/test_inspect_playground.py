@@ -6,20 +6,16 @@ chromium-driver`) and selenium from PyPI; it skips, saying which is missing, wit
 
 from __future__ import annotations
 
-import shutil
-import socket
-import tempfile
 import time
 from pathlib import Path
 
-import pytest
 import torch
+from _browser import headless_chromium, require_chromium
+from _dist import free_port
 from _inspect_fixtures import checkpoint, embedded_data, inspect_export, inspect_run  # noqa: F401  (fixtures)
 
 from training.inspection.models import expand_paths, load_model
 from training.inspection.playground import FIXED_PROMPTS, Playground, generate_stream
-
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
 def test_greedy_stream_equals_generate(inspect_export):  # noqa: F811
@@ -63,33 +59,18 @@ def test_playground_models_and_bad_paths(inspect_run, inspect_export, tmp_path):
     assert png is None and f"**Error:** {broken}:2: broken metrics line" in status
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_browser_generation(inspect_export, tmp_path):  # noqa: F811
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+    require_chromium()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     from training.inspection.playground import _theme, build_app
 
     app = build_app([inspect_export], columns=2)
-    port = _free_port()
+    port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
                theme=_theme())
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    profile = tempfile.mkdtemp(dir=tmp_path)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+    driver = headless_chromium(tmp_path)
     try:
         driver.get(f"http://127.0.0.1:{port}/")
         wait = WebDriverWait(driver, 60)
@@ -132,4 +113,3 @@ def test_browser_generation(inspect_export, tmp_path):  # noqa: F811
     finally:
         driver.quit()
         app.close()
-        shutil.rmtree(profile, ignore_errors=True)

@@ -8,10 +8,8 @@ import importlib
 import inspect
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import types
 import urllib.request
@@ -19,12 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _browser import headless_chromium, require_chromium
+from _dist import free_port
 from _inspect_fixtures import checkpoint, embedded_data, inspect_export, inspect_run  # noqa: F401  (fixtures)
 
 from training.inspection.playground import cli_main
 from training.inspection.space import push_space, write_space
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 REPO = "genesis-test/tiny"
 HERE = Path(__file__).resolve().parents[1] / "training" / "inspection"
 
@@ -138,21 +137,13 @@ def test_hub_revisions(revisions, monkeypatch):
     assert list(HubRevisions(REPO).models) == ["step-00000010", "step-00000020", "main"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_space_app_in_a_browser(revisions, tmp_path):
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+    require_chromium()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     folder = write_space(tmp_path / "space", REPO, columns=2)
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "app.log", "w")
     # The generated app, run from its own folder as a Space runs it, with the Genesis packages made
     # unimportable: a Space has neither training/ nor genesis_hf/ (the exports carry their modeling code).
@@ -172,14 +163,7 @@ def test_space_app_in_a_browser(revisions, tmp_path):
                 assert server.poll() is None, (tmp_path / "app.log").read_text()
                 assert time.monotonic() < deadline, "the Space app did not start"
                 time.sleep(0.5)
-        opts = webdriver.ChromeOptions()
-        opts.binary_location = str(CHROMIUM)
-        profile = tempfile.mkdtemp(dir=tmp_path)
-        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--disable-dev-shm-usage", f"--user-data-dir={profile}"):
-            opts.add_argument(flag)
-        driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+        driver = headless_chromium(tmp_path)
         driver.get(f"http://127.0.0.1:{port}/")
         wait = WebDriverWait(driver, 90)
         wait.until(lambda d: "step-00000006" in d.find_element(By.CSS_SELECTOR, "#models").text)
