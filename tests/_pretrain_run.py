@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from training.metrics import is_side_record
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "pretrain.py"
 CPU_CONFIG = REPO / "accelerate_configs" / "cpu.yaml"
@@ -119,7 +121,7 @@ def read_metrics(out: Path) -> dict[int, dict]:
     if path.exists():
         for line in path.read_text().splitlines():
             r = json.loads(line)
-            if r.get("event") not in (None, "stopped"):  # side records: checkpoint saves, hub uploads, plans
+            if is_side_record(r):  # checkpoint saves, hub uploads, the save plan
                 continue
             records[r["step"]] = r
     return records

@@ -95,6 +95,14 @@ def scrub(config: dict) -> dict:
     return out
 
 
+def is_side_record(record: dict) -> bool:
+    """A metrics.jsonl record that is not a training step: a checkpoint save, the save plan, a Hub
+    upload ({"event": ...}). A stopped run's last record ({"event": "stopped", "step", "loss"...})
+    is a step. Readers keep side records off the step curves."""
+    event = record.get("event")
+    return isinstance(event, str) and event != "stopped"
+
+
 class MetricsLogger:
     """Main-process sink: <output_dir>/metrics.jsonl (one object per logged step) and wandb.
 
@@ -120,7 +128,7 @@ class MetricsLogger:
         # One line per step, flushed: a SIGKILL loses at most the line being written.
         self._fh.write(json.dumps(record, sort_keys=True) + "\n")
         self._fh.flush()
-        if self.wandb_run is not None and record.get("event") not in (None, "stopped"):
+        if self.wandb_run is not None and is_side_record(record):
             # A side record (a checkpoint save, the save plan, a Hub upload) is no training step:
             # it goes to the run's summary (latest values, under the event's name), never into the
             # step history, whose rows are one per step. metrics.jsonl keeps every one of them.

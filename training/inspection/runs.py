@@ -23,6 +23,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.metrics import is_side_record
+
 from . import InspectError
 from .wandb_file import find_run_files, read_run
 
@@ -75,8 +77,7 @@ def read_metrics(path: str | Path, *, allow_partial: bool = False) -> tuple[list
         torn_tail = i == len(lines)  # no newline after it: the line being written when the run died
         try:
             rec = json.loads(line)
-            side = isinstance(rec, dict) and isinstance(rec.get("event"), str) and rec["event"] != "stopped"
-            if not isinstance(rec, dict) or not (side or isinstance(rec.get("step"), int)):
+            if not isinstance(rec, dict) or not (is_side_record(rec) or isinstance(rec.get("step"), int)):
                 raise ValueError("not an object with an integer 'step' or an 'event'")
         except ValueError as e:
             msg = f"{path}:{i}: broken metrics line ({e}): {line[:80]!r}"
@@ -86,7 +87,7 @@ def read_metrics(path: str | Path, *, allow_partial: bool = False) -> tuple[list
             logger.warning("%s skipped", msg)
             continue
         records.append(rec)
-    if not any("event" not in r or r["event"] == "stopped" for r in records):
+    if all(is_side_record(r) for r in records):
         raise InspectError(f"{path}: no metrics records in it")
     return records, notes
 
@@ -95,7 +96,7 @@ def _from_records(run: Run, records: list[dict]) -> None:
     """Fill steps/events and the replay resumes (a step that goes back)."""
     prev = None
     for rec in records:
-        if rec.get("event") not in (None, "stopped"):  # not a training step: kept beside the curve
+        if is_side_record(rec):  # not a training step: kept beside the curve
             run.side_records.append(rec)
             continue
         step = rec["step"]
