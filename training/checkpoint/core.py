@@ -19,7 +19,7 @@ import platform
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,7 @@ class Capture:
     train_state: dict
     meta: dict
     scheduler: tuple[str, bytes]
-    started: float = field(default_factory=time.monotonic)
+    started: float  # time.monotonic() when the save began (barrier included)
 
 
 def save_checkpoint(
