@@ -21,7 +21,8 @@ from _inspect_fixtures import checkpoint, embedded_data, inspect_run  # noqa: F4
 
 from training.args import ConfigError, parse_args
 from training.hub_fake import FakeHfApi
-from training.hub_sync import HubSync, download_checkpoint, parse_hub_spec, step_revision
+from training.hub_resume import download_checkpoint, parse_hub_spec
+from training.hub_sync import HubSync, step_revision
 
 REPO = "genesis-test/tiny"
 TOKEN = "hf_SENTINELtoken0123456789abcdef"

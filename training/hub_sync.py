@@ -20,9 +20,7 @@ a commit that went through is not repeated); every attempt is a metrics.jsonl re
 {"event": "hub_upload", "ckpt_step": N, "status": "retrying"|"failed"|"done"|"unfinished", ...}.
 The records carry no "step" key: readers key training records by "step".
 
-`--resume hub:owner/name@step-00000020` (training/run_setup.py:restore) downloads checkpoint/ of
-that revision into <output_dir>/hub-resume/ with snapshot_download (rank 0; the others wait) and
-then resumes from the folder exactly as from a local checkpoint: manifest, sha256, geometry checks.
+`--resume hub:owner/name@step-00000020` downloads checkpoint/ of that revision back: training/hub_resume.py.
 
 The token is HF_TOKEN, read by huggingface_hub itself; it is never an argument here, and error
 text is redacted before it reaches a log line or a record.
@@ -47,7 +45,6 @@ logger = logging.getLogger("training.hub_sync")
 
 HUB_PREFIX = "hub:"
 STAGING = "hub-staging"
-RESUME_DIR = "hub-resume"
 CHECKPOINT_IN_REPO = "checkpoint"
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{10,}")
@@ -438,80 +435,3 @@ class HubSync:
         rec = self._event(step, status, **fields)
         with self._cv:
             self._events.append(rec)
-
-
-# ---------------------------------------------------------------------- resume from the Hub
-
-
-def parse_hub_spec(spec: str) -> tuple[str, str | None]:
-    """'hub:owner/name@step-00000020' -> ('owner/name', 'step-00000020'); no '@': (repo, None)."""
-    repo, _, rev = spec.removeprefix(HUB_PREFIX).partition("@")
-    if not _REPO_RE.match(repo):
-        raise ConfigError(f"--resume {spec}: expected hub:owner/name@revision, e.g. hub:me/genesis-1b@step-00020000")
-    return repo, rev or None
-
-
-def download_checkpoint(spec: str, output_dir: str | Path) -> Path:
-    """Download checkpoint/ of a Hub revision into <output_dir>/hub-resume/<owner>--<name>@<rev>/
-    and return the checkpoint folder. A revision that does not exist is named with those that do."""
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    from training.checkpoint import CheckpointError
-
-    repo, rev = parse_hub_spec(spec)
-    api = hub_api()
-    try:
-        refs = api.list_repo_refs(repo)
-    except RepositoryNotFoundError as e:
-        raise CheckpointError(f"--resume {spec}: the Hub repo {repo} does not exist or is not visible with "
-                              "this HF_TOKEN") from e
-    names = sorted({r.name for r in [*refs.branches, *refs.tags]})
-    steps = [n for n in names if re.fullmatch(r"step-\d{8,}", n)]
-    if rev is None:
-        if not steps:
-            raise CheckpointError(f"--resume {spec}: {repo} has no step-XXXXXXXX revisions (it has: "
-                                  f"{', '.join(names) or 'none'})")
-        rev = steps[-1]
-        logger.info("--resume %s: the newest step revision is %s", spec, rev)
-    elif rev not in names and not re.fullmatch(r"[0-9a-f]{40}", rev):
-        raise CheckpointError(f"--resume {spec}: revision {rev!r} does not exist in {repo}; it has: "
-                              f"{', '.join(names) or 'none'}")
-    dst = Path(output_dir) / RESUME_DIR / f"{repo.replace('/', '--')}@{rev}"
-    dst.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    local = Path(api.snapshot_download(repo_id=repo, revision=rev, local_dir=dst,
-                                       allow_patterns=[f"{CHECKPOINT_IN_REPO}/*"]))
-    ckpt = local / CHECKPOINT_IN_REPO
-    if not (ckpt / "manifest.json").is_file():
-        raise CheckpointError(f"--resume {spec}: {repo}@{rev} holds no training checkpoint "
-                              f"({CHECKPOINT_IN_REPO}/manifest.json); it was uploaded without "
-                              "hub_strategy checkpoint")
-    (local / "hub_source.json").write_text(json.dumps({"repo": repo, "revision": rev}))
-    logger.info("--resume %s: downloaded to %s in %.1fs", spec, ckpt, time.monotonic() - t0)
-    return ckpt
-
-
-def resolve_hub_resume(spec: str, output_dir: str | Path, accelerator) -> str:
-    """The local checkpoint folder for `--resume hub:...`: rank 0 downloads, every rank gets the path
-    (or the same error) through one broadcast, so no rank waits on a download that failed."""
-    from accelerate.utils import broadcast_object_list
-
-    from training.checkpoint import CheckpointError
-
-    box: list = [None]
-    if accelerator.is_main_process:
-        try:
-            box = [("ok", str(download_checkpoint(spec, output_dir)))]
-        except ConfigError as e:
-            box = [("config", str(e))]
-        except Exception as e:  # noqa: BLE001  (every rank must learn of it, not hang)
-            box = [("error", redact(str(e) if isinstance(e, CheckpointError) else
-                                    f"--resume {spec}: download failed: {type(e).__name__}: {e}"))]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(box, from_process=0)
-    kind, value = box[0]
-    if kind == "config":
-        raise ConfigError(value)
-    if kind == "error":
-        raise CheckpointError(value)
-    return value

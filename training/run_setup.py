@@ -171,7 +171,7 @@ def _resolve_schedule(saved: LRSchedule, args: PretrainArguments, step: int, ove
 def restore(args, accelerator, model, optimizer, scheduler, loader, meta, ckpt_root: Path):
     """Resume per args.resume: refuse on any mismatch, restore everything, return (train_state, audit).
     None for a fresh start. Nothing has trained when this raises. `hub:owner/name@step-XXXXXXXX` is
-    downloaded first (training/hub_sync.py) and then resumed like any local checkpoint."""
+    downloaded first (training/hub_resume.py) and then resumed like any local checkpoint."""
     from training.checkpoint import (
         CheckpointError,
         check_resume_compatible,
@@ -182,7 +182,7 @@ def restore(args, accelerator, model, optimizer, scheduler, loader, meta, ckpt_r
 
     resume = args.resume
     if resume and str(resume).startswith("hub:"):  # downloaded into the run folder, then the local path
-        from training.hub_sync import resolve_hub_resume
+        from training.hub_resume import resolve_hub_resume
 
         resume = resolve_hub_resume(resume, args.output_dir, accelerator)
     path = resolve_resume(resume, ckpt_root)
