@@ -34,10 +34,47 @@ def test_peak_table_and_mfu():
     names = dict(PEAK_BF16_TFLOPS)
     assert names["RTX 4090"] == 165.2 and names["RTX 3090"] == 71.0 and names["A100"] == 312.0
     assert names["H100"] == 989.0 and names["H100 PCIe"] == 756.0 and names["H200"] == 989.0
+    assert names["H100 NVL"] == 835.0 and names["H200 NVL"] == 835.0
     assert peak_flops("cpu") == (None, "CPU: no MFU")
     assert mfu(9450, 7.21e9, None) is None
     # The seed: 9,450 tok/s per RTX 4090 -> ~41% MFU.
     assert mfu(9450, 7.21e9, 165.2e12) == pytest.approx(0.412, abs=0.002)
+
+
+# torch.cuda.get_device_name() strings -> peak dense bf16 TFLOP/s (PERFORMANCE.md; NVL parts: NVIDIA's
+# sheets, 1,671 TFLOP/s with sparsity = 835 dense). None: not in the table, so no MFU is reported
+# rather than a guessed one.
+KNOWN_NAMES = [
+    ("NVIDIA H100 80GB HBM3", 989.0),
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", 835.0),  # was 989: the substring "H100" captured it
+    ("NVIDIA H200", 989.0),
+    ("NVIDIA H200 NVL", 835.0),  # was 989: the substring "H200" captured it
+    ("NVIDIA GeForce RTX 4090", 165.2),
+    ("NVIDIA GeForce RTX 3090", 71.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA Mystery 9000", None),
+]
+
+
+@pytest.mark.parametrize("name,tflops", KNOWN_NAMES)
+def test_peak_flops_of_known_device_names(monkeypatch, name, tflops):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
+    peak, note = peak_flops(torch.device("cuda", 0))
+    if tflops is None:
+        assert peak is None and note == f"{name}: unknown GPU, peak FLOPs not in training/metrics.py, MFU not reported"
+    else:
+        assert peak == pytest.approx(tflops * 1e12) and note == f"{name}: peak {tflops} TFLOP/s bf16"
+
+
+def test_the_longest_key_wins_whatever_the_table_order(monkeypatch):
+    from training import metrics
+
+    monkeypatch.setattr(metrics, "PEAK_BF16_TFLOPS", list(reversed(metrics.PEAK_BF16_TFLOPS)))
+    assert metrics.peak_tflops_for("NVIDIA H100 NVL") == 835.0
+    assert metrics.peak_tflops_for("NVIDIA H100 PCIe") == 756.0
+    assert metrics.peak_tflops_for("NVIDIA H200 NVL") == 835.0
 
 
 def test_unknown_gpu_is_said_not_guessed(monkeypatch):

@@ -22,15 +22,24 @@ import torch
 logger = logging.getLogger(__name__)
 
 # Peak dense bf16 tensor-core FLOP/s with FP32 accumulate (what PyTorch uses), no sparsity.
-# Matched against torch.cuda.get_device_name() by substring, most specific first.
+# Matched against torch.cuda.get_device_name() by substring; the LONGEST matching key wins, so
+# "H100" never captures "NVIDIA H100 NVL" or "NVIDIA H100 PCIe", whatever the order here.
 PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
     ("RTX 4090", 165.2),  # 330 is the FP16-accumulate number; PyTorch accumulates in fp32
     ("RTX 3090", 71.0),
     ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM / HBM3 / NVL parts report "NVIDIA H100 80GB HBM3" etc.
-    ("H200", 989.0),
+    ("H100 NVL", 835.0),  # NVIDIA's H100 NVL sheet: 1,671 TFLOP/s bf16 with sparsity = 835 dense
+    ("H100", 989.0),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("H200 NVL", 835.0),  # NVIDIA's H200 NVL sheet: 1,671 with sparsity, as the H100 NVL
+    ("H200", 989.0),  # SXM: "NVIDIA H200"
     ("A100", 312.0),
 ]
+
+
+def peak_tflops_for(name: str) -> float | None:
+    """Peak dense bf16 TFLOP/s for a CUDA device name, or None when the table does not know it."""
+    hits = [(key, tflops) for key, tflops in PEAK_BF16_TFLOPS if key.lower() in name.lower()]
+    return max(hits, key=lambda hit: len(hit[0]))[1] if hits else None
 
 
 def peak_flops(device: torch.device | str | None = None) -> tuple[float | None, str]:
@@ -39,10 +48,10 @@ def peak_flops(device: torch.device | str | None = None) -> tuple[float | None, 
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return None, "CPU: no MFU"
     name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key.lower() in name.lower():
-            return tflops * 1e12, f"{name}: peak {tflops} TFLOP/s bf16"
-    return None, f"{name}: unknown GPU, peak FLOPs not in training/metrics.py, MFU not reported"
+    tflops = peak_tflops_for(name)
+    if tflops is None:
+        return None, f"{name}: unknown GPU, peak FLOPs not in training/metrics.py, MFU not reported"
+    return tflops * 1e12, f"{name}: peak {tflops} TFLOP/s bf16"
 
 
 def matmul_params(model: torch.nn.Module) -> int:
