@@ -56,10 +56,14 @@ def tiny_config(layers: int = 2):
     )
 
 
-def build(seed: int = 0, layers: int = 2, shard: bool = False, genesis: bool = True):
+def build(seed: int = 0, layers: int = 2, shard: bool = False, genesis: bool = True, ac: str | None = None):
     """(model, AdamW, LambdaLR warmup) with weights from `seed`: a tiny Genesis, or TinyLM when
     `genesis=False`. `shard`: FSDP2 per decoder layer and at the root (the optimizer is built
-    after sharding, over the DTensor parameters)."""
+    after sharding, over the DTensor parameters). `ac`: activation checkpointing per decoder
+    layer, wrapped "before" sharding (the wrapper is the FSDP unit: Accelerate >= 1.16) or
+    "after" it (the layer is the unit, the wrapper around it: Accelerate 1.15)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
     torch.manual_seed(seed)
     if genesis:
         from genesis_hf import GenesisForCausalLM
@@ -68,12 +72,21 @@ def build(seed: int = 0, layers: int = 2, shard: bool = False, genesis: bool = T
     else:
         model = TinyLM(layers)
     model.train()
+    layers_list = model.model.layers if genesis else model.layers
+    if ac not in (None, "before", "after"):
+        raise ValueError(f"ac must be None, 'before' or 'after', got {ac!r}")
+    if ac == "before":
+        for i, layer in enumerate(layers_list):
+            layers_list[i] = checkpoint_wrapper(layer)
     if shard:
         from torch.distributed.fsdp import fully_shard
 
-        for layer in model.model.layers if genesis else model.layers:
+        for layer in layers_list:
             fully_shard(layer)
         fully_shard(model)
+    if ac == "after":
+        for i, layer in enumerate(layers_list):
+            layers_list[i] = checkpoint_wrapper(layer)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4) * 0.5 ** (s // 5))
     return model, opt, sched
@@ -110,8 +123,8 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 def snapshot(model, opt) -> dict[str, torch.Tensor]:
     """Weights and AdamW state (this rank's shards) by name, cloned."""
-    out = {f"param/{n}": local(p.detach()).clone() for n, p in model.named_parameters()}
-    names = {p: n for n, p in model.named_parameters()}
+    names = {p: n.replace("_checkpoint_wrapped_module.", "") for n, p in model.named_parameters()}
+    out = {f"param/{n}": local(p.detach()).clone() for p, n in names.items()}
     for p, st in opt.state.items():
         for k, v in st.items():
             out[f"optim/{names[p]}/{k}"] = local(v.detach()).clone()

@@ -12,6 +12,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+VERSIONED = ("torch", "accelerate", "transformers", "trl", "datasets", "huggingface_hub", "tokenizers", "peft", "wandb")
+
+
+def pytest_report_header(config):
+    """The versions this run resolved: the suite must pass with the newest releases of the day."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return "resolved: " + ", ".join(f"{n} {v(n)}" for n in VERSIONED)
+
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")

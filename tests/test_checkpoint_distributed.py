@@ -84,6 +84,28 @@ def ddp_round_trip(rank: int, world: int, root: str) -> dict:
     return {"data_state": state["data_state"], "keys": keys}
 
 
+def ac_layout_round_trip(rank: int, world: int, root: str, save_ac: str, load_ac: str) -> dict:
+    """Save with activation checkpointing wrapped one way around the FSDP units, resume with it
+    wrapped the other way (what an Accelerate upgrade in the middle of a run does)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    model, opt, sched = build(seed=0, shard=True, ac=save_ac)
+    seed_all(100 + rank)
+    train_steps(model, opt, sched, 2)
+    path = save_checkpoint(root, 2, model=model, optimizer=opt, scheduler=sched, train_state={"step": 2},
+                           data_state={"rank": rank}, meta=META)  # fmt: skip
+    after, final = train_steps(model, opt, sched, 2), snapshot(model, opt)
+    model2, opt2, sched2 = build(seed=1, shard=True, ac=load_ac)
+    seed_all(0)
+    load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2)
+    resumed = train_steps(model2, opt2, sched2, 2)
+    assert resumed == after, (resumed, after)
+    assert_same(final, snapshot(model2, opt2))
+    keys = [*FileSystemReader(path / "model").read_metadata().state_dict_metadata,
+            *FileSystemReader(path / "optimizer").read_metadata().state_dict_metadata]
+    return {"keys": keys}
+
+
 def fsdp_load_refused(rank: int, world: int, path: str) -> None:
     """Load must raise; weights must be untouched; then re-raise so the process exits non-zero."""
     model, opt, sched = build(seed=1, shard=True)
@@ -153,6 +175,21 @@ def test_fsdp_resume_is_exact(fsdp_run):
         b = torch.load(out / f"resumed-{r.rank}.pt", weights_only=True)
         assert any(k.endswith("exp_avg_sq") for k in a)
         assert_same(a, b)
+
+
+@pytest.mark.parametrize("save_ac,load_ac", [("before", "after"), ("after", "before")])
+def test_resume_across_activation_checkpointing_layouts(tmp_path, save_ac, load_ac):
+    """Accelerate 1.15 sharded each decoder layer and wrapped it for activation checkpointing;
+    1.16 wraps first and shards the wrapper. Checkpoint keys are the plain HF names either way,
+    so a run that upgrades Accelerate mid-way resumes exactly (weights, AdamW moments, losses)."""
+    res = run_ranks("test_checkpoint_distributed:ac_layout_round_trip", 2,
+                    kwargs={"root": str(tmp_path / "ck"), "save_ac": save_ac, "load_ac": load_ac},
+                    result_dir=tmp_path / "r", timeout=150)  # fmt: skip
+    for r in res:
+        assert r.returncode == 0, f"rank {r.rank} failed:\n{r.stderr[-4000:]}"
+    keys = res[0].value["keys"]
+    assert "model.layers.0.self_attn.q_proj.weight" in keys
+    assert not any("_checkpoint_wrapped_module" in k or "_fsdp" in k for k in keys), keys
 
 
 def test_fsdp_checkpoint_exports_and_reshards_to_one_process(fsdp_run):

@@ -82,6 +82,20 @@ def fsdp_policies(model) -> dict[str, object]:
     return out
 
 
+def unwrapped(module):
+    """The module inside activation-checkpointing / offload / compile wrappers (itself if none)."""
+    while True:
+        inner = getattr(module, "_checkpoint_wrapped_module", None) or getattr(module, "_orig_mod", None)
+        if inner is None:
+            return module
+        module = inner
+
+
+def layer_class_name(module) -> str:
+    """The class name of the module inside any wrapper, without FSDP2's generated "FSDP" prefix."""
+    return type(unwrapped(module)).__name__.removeprefix("FSDP")
+
+
 def fsdp_summary(model, accelerator) -> str:
     """One line on how `prepare` sharded the model: units by class, activation checkpointing,
     precision of every unit, and the plugin's loading/state-dict settings (logged at start)."""
@@ -92,10 +106,12 @@ def fsdp_summary(model, accelerator) -> str:
 
     # A unit is a parameter group; one group may span several modules (Accelerate puts the tied
     # embedding/head and the final norm in one), and a wrapper around a wrapped layer owns none.
+    # Units are named by the module inside any wrapper: Accelerate >= 1.16 wraps each decoder
+    # layer for activation checkpointing before sharding, so the unit itself is the wrapper.
     groups: dict[int, list[str]] = {}
     for _, module in model.named_modules():
         if isinstance(module, FSDPModule) and (group := module._get_fsdp_state()._fsdp_param_group) is not None:
-            groups.setdefault(id(group), []).append(type(module).__name__.removeprefix("FSDP"))
+            groups.setdefault(id(group), []).append(layer_class_name(module))
     units = Counter("+".join(names) for names in groups.values())
     checkpointed = sum(isinstance(m, CheckpointWrapper) for m in model.modules())
     policies = {describe_policy(p) for p in fsdp_policies(model).values()}
