@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -186,27 +187,44 @@ def load_mixture(path: str | Path) -> Mixture:
     return mix
 
 
+# `datasets.load_dataset` resolves data files with tqdm's `thread_map`, whose `ensure_lock`
+# (tqdm/contrib/concurrent.py) reads the class's `_lock`, creates one when there is none, and
+# DELETES it on exit in that case. Two threads that both find no lock both delete it, and the
+# second dies: "type object 'tqdm' has no attribute '_lock'". A lock on tqdm's base class exists
+# for every subclass (datasets' own bar included), so `ensure_lock` restores it instead of
+# deleting; and opens are serialized as well, which costs nothing next to reading the data.
+_OPEN_LOCK = threading.Lock()
+
+
+def load_dataset_safely(*args, **kwargs):
+    """`datasets.load_dataset`, safe to call from any number of threads at once."""
+    import datasets  # heavy; only where records are read
+    from tqdm import tqdm
+
+    tqdm.get_lock()  # creates tqdm._lock once; never deleted afterwards
+    with _OPEN_LOCK:
+        return datasets.load_dataset(*args, **kwargs)
+
+
 def open_records(spec: SourceSpec, work_dir: str | Path):
     """A streaming `datasets.IterableDataset` of raw records for one source (Hub or local)."""
-    import datasets  # heavy; only where records are read
-
     # Bytes that are not UTF-8 become U+FFFD ("replace"); prepare drops and counts such documents.
     # The json builder only honours errors= for a non-"utf-8" encoding name, hence the "utf_8" alias.
     if spec.embedded is not None:
         from training.data import corpus
 
         files = [str(corpus.materialize(Path(work_dir) / "embedded", spec.embedded, max_bytes=spec.max_bytes))]
-        return datasets.load_dataset("json", data_files=files, split="train", streaming=True,
-                                     encoding="utf_8", encoding_errors="replace")  # fmt: skip
+        return load_dataset_safely("json", data_files=files, split="train", streaming=True,
+                                   encoding="utf_8", encoding_errors="replace")  # fmt: skip
     if spec.data_files is not None and spec.hub_id is None:
         kwargs = {}
         if spec.format == "text":
             kwargs = {"sample_by": spec.sample_by, "encoding_errors": "replace", "keep_linebreaks": True}
         elif spec.format == "json":
             kwargs = {"encoding": "utf_8", "encoding_errors": "replace"}
-        return datasets.load_dataset(spec.format, data_files=spec.data_files, split="train", streaming=True, **kwargs)
-    return datasets.load_dataset(spec.hub_id, spec.subset, split=spec.split, data_dir=spec.data_dir,
-                                 data_files=spec.data_files, revision=spec.revision, streaming=True)  # fmt: skip
+        return load_dataset_safely(spec.format, data_files=spec.data_files, split="train", streaming=True, **kwargs)
+    return load_dataset_safely(spec.hub_id, spec.subset, split=spec.split, data_dir=spec.data_dir,
+                               data_files=spec.data_files, revision=spec.revision, streaming=True)  # fmt: skip
 
 
 def default_cache_dir() -> Path:
