@@ -33,6 +33,12 @@ class PretrainArguments:
     output_dir: str = field(default="runs/genesis", metadata={"help": "Run folder: checkpoints/, metrics.jsonl, export/."})
     run_name: str | None = field(default=None, metadata={"help": "Name for wandb; default: the output_dir's name."})
     seed: int = field(default=42, metadata={"help": "Seeds model init and the data order."})
+    deterministic: bool = field(
+        default=False,
+        metadata={"help": "Deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=:4096:8, "
+                  "cudnn.deterministic): a GPU resume then repeats the uninterrupted run bit for bit; slower "
+                  "(the GPU check measures by how much). Off: later steps agree only to rounding."},
+    )
     report_to: Literal["none", "wandb"] = field(default="none", metadata={"help": "wandb: online with WANDB_API_KEY, else offline."})
     wandb_project: str = field(default="genesis", metadata={"help": "wandb project name."})
     logging_steps: int = field(default=10, metadata={"help": "Log metrics every N optimizer steps."})

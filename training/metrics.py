@@ -84,6 +84,14 @@ def peak_memory_gb(device: torch.device) -> float | None:
     return None
 
 
+def host_pinned_gb(device: torch.device) -> float | None:
+    """Host memory this process holds pinned through torch's caching host allocator (async-save
+    staging), GiB; blocks are rounded up to a power of two and kept. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) / 2**30
+
+
 # Anything that looks like a credential is dropped from configs before they are logged.
 _SECRET_KEY = re.compile(r"(token|secret|password|api[_-]?key|auth|credential)", re.IGNORECASE)
 _SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{10,}|[0-9a-f]{40})$")

@@ -64,6 +64,7 @@ from training.reliability import SpikeGuard, TestFaults, startup_check  # noqa: 
 from training.run_setup import (  # noqa: E402
     StepResult,
     all_reduce_sum,
+    apply_determinism,
     build_meta,
     build_model,
     build_optimizer,
@@ -155,6 +156,7 @@ def train(args: PretrainArguments) -> int:
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
     for note in _LAUNCH_NOTES:
         logger.info("launch environment: %s", note)
+    apply_determinism(args)  # before any cuBLAS call: CUBLAS_WORKSPACE_CONFIG is read at the first handle
     require_granted_fsdp(accelerator)  # never train unsharded when the config asked for FSDP
     hub = HubSync.from_args(args, is_main=main_proc)  # push_to_hub flags refused here, before any work
     latency = startup_check(accelerator, args.startup_check_timeout_s)

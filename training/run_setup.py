@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,15 @@ import torch
 import torch.distributed as dist
 
 from training.args import ConfigError, PretrainArguments
-from training.metrics import flops_per_token, matmul_params, mfu, peak_flops, peak_memory_gb, scrub
+from training.metrics import (
+    flops_per_token,
+    host_pinned_gb,
+    matmul_params,
+    mfu,
+    peak_flops,
+    peak_memory_gb,
+    scrub,
+)
 from training.schedule import LRSchedule, set_schedule
 
 logger = logging.getLogger("training.pretrain")
@@ -43,6 +52,34 @@ def all_reduce_sum(t: torch.Tensor, device: torch.device | None = None) -> torch
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+# cuBLAS is deterministic only with one of these workspace settings (CUDA >= 10.2; torch raises on a
+# cuBLAS call under deterministic algorithms otherwise). Read when the first cuBLAS handle is made.
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
+
+
+def apply_determinism(args: PretrainArguments) -> str:
+    """Turn on deterministic kernels when args.deterministic; returns the start-up log line.
+
+    Call before anything runs on the GPU. CUDA's default kernels are not all deterministic: SDPA's
+    flash-attention backward accumulates dQ with atomics in an order that varies from run to run,
+    so two runs from the same state agree only to rounding after their first backward. With
+    deterministic algorithms on, torch passes `deterministic=True` to the flash backward
+    (aten/src/ATen/native/transformers/cuda/attention_backward.cu), picks the deterministic kernel
+    wherever an op has two, and raises on an op that has none."""
+    if args.deterministic:
+        if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in CUBLAS_DETERMINISTIC:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC[0]
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    line = (f"deterministic: {args.deterministic} (torch.are_deterministic_algorithms_enabled()="
+            f"{torch.are_deterministic_algorithms_enabled()}, CUBLAS_WORKSPACE_CONFIG="
+            f"{os.environ.get('CUBLAS_WORKSPACE_CONFIG', 'unset')}, cudnn.deterministic="
+            f"{torch.backends.cudnn.deterministic})")
+    logger.info("%s", line)
+    return line
 
 
 def load_data(args: PretrainArguments, accelerator):
@@ -140,9 +177,12 @@ def build_meta(args: PretrainArguments, accelerator, model, fingerprint: str) ->
 def speed_metrics(meta: dict, tokens: int, seconds: float, accelerator) -> dict:
     tok_s = tokens / seconds if seconds > 0 else 0.0
     per_device = tok_s / accelerator.num_processes
-    return {"tok_s": tok_s, "tok_s_per_device": per_device,
-            "mfu": mfu(per_device, meta["flops_per_token"], meta["peak_flops"]),
-            "peak_mem_gb": peak_memory_gb(accelerator.device)}
+    out = {"tok_s": tok_s, "tok_s_per_device": per_device,
+           "mfu": mfu(per_device, meta["flops_per_token"], meta["peak_flops"]),
+           "peak_mem_gb": peak_memory_gb(accelerator.device)}
+    if accelerator.device.type == "cuda":  # this rank's pinned staging (the GPU check reports it)
+        out["host_pinned_gb"] = host_pinned_gb(accelerator.device)
+    return out
 
 
 def _resolve_schedule(saved: LRSchedule, args: PretrainArguments, step: int, override: bool) -> tuple[LRSchedule, str]:
