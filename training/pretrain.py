@@ -185,7 +185,9 @@ def train(args: PretrainArguments) -> int:
     scheduler = make_scheduler(optimizer, schedule)
 
     ckpt_root = Path(args.output_dir) / "checkpoints"
-    save_mode, save_plan = plan_mode(args.save_mode, model)  # async needs each rank's shard in host memory
+    # Before step 1: async needs each rank's shards in host memory (else sync), and the disk must hold
+    # the checkpoints that exist at once (else refuse: exit 2).
+    save_mode, save_plan = plan_mode(args.save_mode, model, ckpt_root, keep_last=args.keep_last)
     if save_mode != args.save_mode:
         logger.warning("save_mode %s -> %s: %s", args.save_mode, save_mode, save_plan["reason"])
     summaries: dict[int, dict] = {}  # step -> what the Hub card says of it, until its commit

@@ -119,6 +119,7 @@ class Capture:
     meta: dict
     scheduler: tuple[str, bytes]
     started: float  # time.monotonic() when the save began (barrier included)
+    host_staged: bool = False  # the tensors are copies in host memory (written from a background thread)
 
 
 def save_checkpoint(
@@ -211,7 +212,7 @@ def capture(root, step, wd, *, model, optimizer, scheduler, train_state, data_st
         # The small parts as values of this step: JSON round trips are deep copies.
         return Capture(root, step, final, tmp, model_sd, optim_sd, capture_rng(), json.loads(json.dumps(data_state)),
                        json.loads(json.dumps(train_state)), json.loads(json.dumps(meta)), scheduler_file(scheduler),
-                       started)
+                       started, host_staged=stage is not None)
     except BaseException as e:
         _abandon(e, root, tmp, final, step, wd)
 
@@ -282,8 +283,14 @@ def _prepare_root(root: Path, final: Path, tmp: Path, step: int) -> str | None:
 def _write_parts(wd, cap: Capture) -> None:
     rank, _ = rank_and_world()
     wd.phase("writing model and optimizer shards")
+    # Host-staged state is written with no copy-ahead, as torch's own async path does
+    # (FileSystemWriter.stage): with copy-ahead, one writer thread and CUDA available, DCP takes its
+    # overlapping loader, which calls current_stream(), stream() and stream.synchronize() from the
+    # writing thread (torch/distributed/checkpoint/filesystem.py, _write_files_from_queue).
+    copy_ahead = 0 if cap.host_staged else 10_000_000
     for part, sd in (("model", cap.model_sd), ("optimizer", cap.optim_sd)):
-        writer = dcp.FileSystemWriter(cap.tmp / part, sync_files=True, overwrite=False)
+        writer = dcp.FileSystemWriter(cap.tmp / part, sync_files=True, overwrite=False,
+                                      per_thread_copy_ahead=copy_ahead)
         with quiet_single_process():
             dcp.save(sd, storage_writer=writer, no_dist=_no_dist(), process_group=thread_group())
     wd.phase("writing per-rank state")
