@@ -24,20 +24,26 @@ saved folder's model card records the constitution (version and principles).
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import sys
-import traceback
-from dataclasses import dataclass, field
-from pathlib import Path
+# First, before anything imports torch: the launch environment pretraining gets (expandable_segments;
+# on consumer cards NCCL_P2P_DISABLE and NCCL_IB_DISABLE). Logged by `main`; values you export win.
+from training.reliability import launch_env, set_launch_env
 
-import yaml
+LAUNCH_NOTES = set_launch_env()
 
-from alignment.constitution import DEFAULT_CONSTITUTION, load_constitution, record_in_model_card
-from alignment.data import DataError, load_sft_dataset, resolve_path
-from alignment.generate import require_chat_template, set_chat_stop_tokens
-from training.fsdp import (
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+from alignment.constitution import DEFAULT_CONSTITUTION, load_constitution, record_in_model_card  # noqa: E402
+from alignment.data import DataError, load_sft_dataset, resolve_path  # noqa: E402
+from alignment.generate import require_chat_template, set_chat_stop_tokens  # noqa: E402
+from training.fsdp import (  # noqa: E402
     compile_decoder_layers,
     describe_policy,
     fsdp_policies,
@@ -121,6 +127,30 @@ def genesis_trainer(trainer_cls):
     return Trainer
 
 
+def log_launch_env() -> None:
+    for note in LAUNCH_NOTES:
+        logger.info("launch environment: %s", note)
+
+
+def model_init_kwargs(model_args, training_args) -> dict:
+    """`from_pretrained` kwargs for the policy (and DPO's reference model), set on the args for TRL.
+
+    Several processes load on CPU (`device_map=None`): TRL asks for `device_map="auto"` on CUDA
+    unless the run is MULTI_GPU or DeepSpeed (trl/trainer/utils.py `create_model_from_path`), so
+    under FSDP every rank would spread a full copy over every visible GPU (transformers balances
+    "auto" across all of them) and keep a CUDA context and cached blocks on its neighbour's card.
+    `fully_shard` moves each rank's shards to its own GPU."""
+    kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        kwargs["device_map"] = None
+    return {**kwargs, **(training_args.model_init_kwargs or {})}
+
+
 def take_compile(training_args) -> dict | None:
     """torch.compile kwargs for `compile_layers` if the config asked for `torch_compile`, which is then
     turned off on the args: the Trainer would otherwise compile the whole (FSDP-wrapped) model."""
@@ -142,9 +172,10 @@ def compile_layers(model, compile_kwargs: dict) -> int:
     return n
 
 
-def fsdp_report(trainer, compiled_layers: int = 0) -> dict:
-    """How this rank ran: the distributed type and the MixedPrecisionPolicy of every module that
-    `fully_shard` wrapped (the policy and, for DPO, the reference model). Logged by every rank."""
+def fsdp_report(trainer, compiled_layers: int = 0, extra: dict | None = None) -> dict:
+    """How this rank ran: the distributed type, the MixedPrecisionPolicy of every module that
+    `fully_shard` wrapped (the policy and, for DPO, the reference model) and the launch environment
+    this process saw. Logged by every rank."""
     policies = {}
     for tag in ("model", "ref_model"):
         model = getattr(trainer, tag, None)
@@ -155,7 +186,7 @@ def fsdp_report(trainer, compiled_layers: int = 0) -> dict:
               "mixed_precision": trainer.accelerator.mixed_precision, "compiled_layers": compiled_layers,
               # "NO" unless the Trainer compiled the whole model (take_compile turns that off)
               "whole_model_compile": str(trainer.accelerator.state.dynamo_plugin.backend).split(".")[-1],
-              "fsdp_policies": policies}
+              "fsdp_policies": policies, "launch_env": launch_env(), **(extra or {})}
     logger.info("distributed report: %s", json.dumps(report, sort_keys=True))
     return report
 
@@ -253,6 +284,7 @@ def main(script_args: SFTScriptArguments, training_args, model_args) -> dict:
 
     import genesis_hf  # noqa: F401  (registers "genesis" with AutoModelForCausalLM)
 
+    log_launch_env()
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required (a `genesis export` folder or Hub id)")
     constitution = load_constitution(script_args.constitution)
@@ -263,13 +295,7 @@ def main(script_args: SFTScriptArguments, training_args, model_args) -> dict:
         require_chat_template(tokenizer, f"tokenizer of {model_args.model_name_or_path}")
     dataset, data_stats = load_mixture(script_args, tokenizer)
 
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-    )
-    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     compile_kwargs = take_compile(training_args)
     trainer = genesis_trainer(SFTTrainer)(
         model=model_args.model_name_or_path,

@@ -7,7 +7,11 @@ into FSDP). What is checked is what a 2-GPU run depends on:
 - the logged losses are fp32 values, not bf16-rounded ones;
 - the final folder, written by one FULL_STATE_DICT gather, loads with `from_pretrained` (both ways) and
   holds exactly the weights every rank's DCP shards hold at the last step;
-- `torch_compile` compiles the decoder layers, never the whole model.
+- `torch_compile` compiles the decoder layers, never the whole model;
+- DPO's reference model is sharded per decoder layer (not as TRL's one unit), frozen, resharded after
+  forward;
+- every rank of both scripts ran with the launch environment pretraining sets (the ranks are told they
+  run on two RTX 4090s: training/reliability.py GPU_NAMES_ENV).
 
 About 35 s on a shared 2-core machine (two launches of ~15 s)."""
 
@@ -30,6 +34,7 @@ from _fsdp_cpu import FSDP_CONFIG, fsdp_env, fsdp_file
 from _pretrain_run import free_port, kill_tree
 
 from training.fsdp import describe_policy, genesis_policy
+from training.reliability import GPU_NAMES_ENV, LAUNCH_ENV_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "alignment" / "recipes"
@@ -48,8 +53,9 @@ def launch(stage: str, parent: Path, out: Path, *extra: str, timeout: float = 30
            "--config", str(RECIPES / f"{stage}-tiny.yaml"), "--model_name_or_path", str(parent),
            "--dataset_name", str(data), "--output_dir", str(out), "--use_cpu", "true", "--max_steps", str(STEPS),
            "--save_strategy", "steps", "--save_steps", str(STEPS), "--report_to", "none", *extra]
-    env = {**os.environ, **fsdp_env(), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
-           "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**{k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS}, **fsdp_env(),
+           "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+           "TOKENIZERS_PARALLELISM": "false", GPU_NAMES_ENV: "NVIDIA GeForce RTX 4090,NVIDIA GeForce RTX 4090"}
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
         try:
@@ -131,10 +137,27 @@ def test_every_rank_ran_fsdp_with_the_genesis_policy_on_every_wrapped_module(run
             assert r["whole_model_compile"] == "NO"
         card = json.loads((root / stage / "alignment.json").read_text())["distributed"]
         assert card["fsdp_precision"] == [expected] and card["distributed_type"] == "FSDP"
-    # DPO: the reference model is wrapped in DPOTrainer.__init__, before train(); it got the policy too.
-    assert all("ref_model.<root>" in r["fsdp_policies"] for r in reports(logs["dpo"]).values())
+    # DPO: the reference model is wrapped in DPOTrainer.__init__, before train(); it got the policy too,
+    # one unit per decoder layer plus the root (TRL's prepare_fsdp alone makes the whole model one unit).
+    for r in reports(logs["dpo"]).values():
+        ref_units = sorted(n.removeprefix("ref_model.") for n in r["fsdp_policies"] if n.startswith("ref_model."))
+        assert ref_units == ["<root>", "model.layers.0", "model.layers.1"], r["fsdp_policies"]
+        assert r["ref_model"] == {"fsdp_units": ref_units, "resharded_after_forward": ref_units,
+                                  "trainable_parameters": 0, "training": False}
     assert all(r["compiled_layers"] == 0 for r in reports(logs["sft"]).values())
     assert all(r["compiled_layers"] == 2 for r in reports(logs["dpo"]).values())
+
+
+@pytest.mark.distributed
+def test_every_rank_of_both_scripts_got_the_launch_environment(runs):
+    """set_launch_env() ran inside each launched script, before CUDA could start: the launcher did not
+    set these (its own RTX 40xx check reads nvidia-smi, absent here, and the test strips them)."""
+    _, _, logs = runs
+    for stage in ("sft", "dpo"):
+        for r in reports(logs[stage]).values():
+            assert r["launch_env"] == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+                                       "NCCL_P2P_DISABLE": "1", "NCCL_IB_DISABLE": "1"}, (stage, r)
+        assert "launch environment: NCCL_IB_DISABLE=1 (set for NVIDIA GeForce RTX 4090)" in logs[stage]
 
 
 @pytest.mark.distributed

@@ -27,8 +27,15 @@ logger = logging.getLogger(__name__)
 _CONSUMER_GPU = ("GeForce", "RTX 4090", "RTX 4080", "RTX 3090", "RTX 3080", "TITAN")
 
 
+# Tests only: comma-separated GPU model names that stand in for the driver's, so that a CPU machine
+# takes the same decisions as a 2x RTX 4090 one (tests/test_alignment_fsdp.py).
+GPU_NAMES_ENV = "GENESIS_TEST_GPU_NAMES"
+
+
 def _gpu_names_without_cuda() -> list[str]:
     """GPU model names read from the driver, WITHOUT initialising CUDA (env must be set first)."""
+    if fake := os.environ.get(GPU_NAMES_ENV, "").strip():
+        return [n.strip() for n in fake.split(",") if n.strip()]
     names = []
     for info in glob.glob("/proc/driver/nvidia/gpus/*/information"):
         try:
@@ -47,18 +54,39 @@ def _gpu_names_without_cuda() -> list[str]:
     return names
 
 
+LAUNCH_ENV_KEYS = ("PYTORCH_CUDA_ALLOC_CONF", "NCCL_P2P_DISABLE", "NCCL_IB_DISABLE")
+_NOTES: list[str] | None = None  # set_launch_env's first answer: a second call reports the same
+
+
+def launch_env() -> dict[str, str | None]:
+    """The variables `set_launch_env` manages, as this process sees them (reports, tests)."""
+    return {key: os.environ.get(key) for key in LAUNCH_ENV_KEYS}
+
+
 def set_launch_env() -> list[str]:
     """Set the environment the seed needed, before torch touches CUDA. Returns lines to log.
 
+    Called first by every script that trains (training/pretrain.py, alignment/sft.py, alignment/dpo.py).
     User values always win: a variable already set is left alone (and reported).
+
+    On consumer cards both NCCL transports that need hardware support are turned off, as
+    `accelerate launch` does for RTX 40xx (accelerate/commands/launch.py `multi_gpu_launcher`):
+    P2P hangs collectives without NVLink, and Accelerate's own state check refuses RTX 40xx on
+    drivers older than 550.40.07 unless NCCL_P2P_DISABLE AND NCCL_IB_DISABLE are both set
+    (accelerate/state.py, `check_cuda_p2p_ib_support`). A workstation has no InfiniBand to lose;
+    consumer cards across nodes over IB can export NCCL_IB_DISABLE=0.
     """
-    notes = []
+    global _NOTES
+    if _NOTES is not None:  # alignment/dpo.py imports alignment/sft.py: both call it
+        return _NOTES
+    notes = _NOTES = []
     names = _gpu_names_without_cuda()
     if not names:
         return notes
     wanted = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # less fragmentation at 2048 x micro 4
     if any(any(c.lower() in n.lower() for c in _CONSUMER_GPU) for n in names):
         wanted["NCCL_P2P_DISABLE"] = "1"
+        wanted["NCCL_IB_DISABLE"] = "1"
     for key, value in wanted.items():
         if key in os.environ:
             notes.append(f"{key}={os.environ[key]} (set by you; left as is)")
