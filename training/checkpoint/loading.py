@@ -9,6 +9,7 @@ recorded in the audit.
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -31,10 +33,62 @@ from .state import load_scheduler, restore_rng, unwrap_optimizer, unwrap_schedul
 logger = logging.getLogger("training.checkpoint")
 
 
+# What a DCP `.metadata` pickle may name: DCP's own metadata records, the storage index, dtypes,
+# sizes, layouts, paths. Nothing that can call arbitrary code when unpickled.
+_METADATA_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    *(("pathlib", n) for n in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only `_METADATA_GLOBALS` and torch dtypes; any other global is refused before it is
+    looked up, so a crafted `.metadata` cannot run code (DCP itself uses a bare `pickle.load`)."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (module, name) in _METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        if not allowed:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in checkpoint metadata")
+        return super().find_class(module, name)
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """`dcp.FileSystemReader` whose `.metadata` goes through `_MetadataUnpickler`. Used on every
+    load path (resume, Hub resume, export, playground, `genesis eval`): all go through `_dcp_load`."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        try:
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, AttributeError, EOFError, ImportError, IndexError, TypeError,
+                ValueError) as e:
+            raise CheckpointError(f"{path}: refused: not plain DCP metadata ({e}); checkpoints are only "
+                                  "loaded from files our own runs wrote") from e
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: refused: holds a {type(metadata).__name__}, not DCP Metadata")
+        if getattr(metadata, "storage_meta", None) is None:  # as DCP's own reader does
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def read_dcp_metadata(folder: str | Path) -> Metadata:
+    """The `.metadata` of one DCP folder, read safely."""
+    return SafeFileSystemReader(folder).read_metadata()
+
+
 def _dcp_load(sd: dict, ckpt: Path, part: str, no_dist: bool = False) -> None:
     """Load `sd` in place from ckpt/part; refuse keys in the checkpoint the target does not have
     (DCP would silently ignore them: a bigger model's extra layers would vanish)."""
-    reader = dcp.FileSystemReader(ckpt / part)
+    reader = SafeFileSystemReader(ckpt / part)
     try:
         if part == "model":
             saved = set(reader.read_metadata().state_dict_metadata)
