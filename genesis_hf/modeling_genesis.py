@@ -373,6 +373,10 @@ class GenesisModel(GenesisPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, d)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        # Only the caller's position_ids can describe packed rows. Our own arange is one sequence a row,
+        # and handing it to the mask builder (or to FlashAttention at batch 1) would only make it check
+        # for packing with a `.all()` read on the host: one device sync per training micro-batch.
+        packed_position_ids = position_ids
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)[None]
 
@@ -381,7 +385,7 @@ class GenesisModel(GenesisPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             cache=cache,
-            position_ids=position_ids,
+            position_ids=packed_position_ids,
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -394,7 +398,7 @@ class GenesisModel(GenesisPreTrainedModel):
                 position_embeddings=position_embeddings,
                 attention_mask=causal_mask,
                 cache=cache,
-                position_ids=position_ids,
+                position_ids=packed_position_ids,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
@@ -457,6 +461,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None
 
 
+def _token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(N,) fp32 cross-entropy of each row of `hidden @ weight.T` (0 where the target is -100), for
+    no-grad callers: one (chunk, vocab) block of fp32 logits at a time, and no gradient buffers."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        y = targets[start : start + chunk_size]  # (c,)
+        logits = (hidden[start : start + chunk_size] @ weight.t()).float()  # (c, V)
+        target_logit = logits.gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+        out[start : start + chunk_size] = (torch.logsumexp(logits, dim=-1) - target_logit) * (y != -100)
+    return out
+
+
 def causal_lm_loss(
     hidden_states: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -464,6 +480,7 @@ def causal_lm_loss(
     chunk_size: int = 1024,
     num_items_in_batch: int | torch.Tensor | None = None,
     shift_labels: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Next-token cross-entropy of `hidden_states @ lm_head_weight.T`, without building the logits.
 
@@ -472,7 +489,11 @@ def causal_lm_loss(
     shift_labels[:, t]: a pretraining window of T + 1 tokens then trains all T targets.
     Equals `F.cross_entropy` on the fp32 logits (mean over non-ignored targets, or sum /
     num_items_in_batch when given, as transformers' Trainer does under gradient accumulation).
+    `reduction="none"` returns each target's loss, (B, T) or (B, T - 1), 0 where ignored: what
+    evaluation needs for bits per byte. It has no gradient; call it under `torch.no_grad()`.
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', not {reduction!r}.")
     if shift_labels is not None:
         hidden, targets = hidden_states, shift_labels
     elif labels is not None:
@@ -483,13 +504,21 @@ def causal_lm_loss(
         raise ValueError(
             f"targets of shape {tuple(targets.shape)} do not match hidden states {tuple(hidden.shape)}."
         )
+    target_shape = targets.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
     targets = targets.reshape(-1).to(hidden.device)  # (N,)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
+    if reduction == "none":
+        if needs_grad:  # each token's gradient would need its own logits kept: the memory this file avoids
+            raise ValueError("causal_lm_loss(reduction='none') has no gradient: call it under torch.no_grad().")
+        return _token_losses(hidden, lm_head_weight, targets, chunk_size).view(target_shape)
     # The normaliser stays a device tensor: reading it on the host would sync every micro-batch.
     if num_items_in_batch is None:
         normaliser = (targets != -100).sum().clamp(min=1).float()
     else:
         normaliser = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
+    if not needs_grad:  # the autograd function would fill gradient buffers (fp32, vocab x d) for nothing
+        return _token_losses(hidden, lm_head_weight, targets, chunk_size).sum() / normaliser
     return _LinearCrossEntropy.apply(hidden, lm_head_weight, targets, chunk_size, normaliser)
 
 
@@ -500,6 +529,8 @@ class GenesisForCausalLM(GenesisPreTrainedModel, GenerationMixin):
     inputs), the loss is computed by `causal_lm_loss` (chunked, never the full fp32 logits)
     and `logits` are NOT returned unless `return_logits=True`: the logits of a
     4 x 2048 x 49,152 batch are most of the memory a training step would otherwise peak at.
+    `loss_reduction="none"` (no grad) makes `loss` each target's cross-entropy, (B, T'), as
+    evaluation needs for bits per byte, still without the full logits.
     Without labels (inference, generation, TRL's fused head) logits are returned as usual.
     """
 
@@ -526,6 +557,7 @@ class GenesisForCausalLM(GenesisPreTrainedModel, GenerationMixin):
         shift_labels: torch.LongTensor | None = None,
         return_logits: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        loss_reduction: str = "mean",
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
@@ -548,6 +580,7 @@ class GenesisForCausalLM(GenesisPreTrainedModel, GenerationMixin):
                 self.config.loss_chunk_size,
                 num_items_in_batch,
                 shift_labels=shift_labels,
+                reduction=loss_reduction,
             )
         if not has_labels or return_logits:
             logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))  # (B, T', V)

@@ -117,6 +117,26 @@ def test_loss_with_num_items_in_batch_is_a_sum_over_that_count():
     torch.testing.assert_close(summed * 100, mean * n_tokens)
 
 
+def test_per_token_losses_equal_cross_entropy_without_reduction():
+    """loss_reduction="none": each target's loss (validation's bits per byte needs them), 0 where ignored."""
+    model = tiny_model(loss_chunk_size=7)
+    ids = torch.randint(0, 256, (3, 20))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits.float()
+        per_token = model(ids, labels=labels, loss_reduction="none", use_cache=False).loss  # (B, T - 1)
+        shifted = model(ids[:, :-1], shift_labels=ids[:, 1:], loss_reduction="none", use_cache=False).loss
+    ref = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")  # 0 where ignored
+    torch.testing.assert_close(per_token, ref, rtol=1e-6, atol=1e-6)
+    ref = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    torch.testing.assert_close(shifted, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no gradient: call it under torch.no_grad"):
+        model(ids, labels=labels, loss_reduction="none")
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'none', not 'sum'"):
+        model(ids, labels=labels, loss_reduction="sum")
+
+
 def test_loss_never_builds_full_logits_unless_asked():
     model = tiny_model()
     ids = torch.randint(0, 256, (2, 12))

@@ -192,6 +192,27 @@ def baseline_losses(counts: dict[str, SourceCounts], batches: dict[str, list[tor
     return out
 
 
+def token_nll(model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T) fp32 next-token NLL of `targets` given `x`, under no grad, with no KV cache.
+
+    Genesis (bare, or wrapped by DDP/FSDP: `model` is called as the loop prepared it) computes it
+    in the model with its chunked loss, so validation never holds the (B, T, V) fp32 logits: about
+    1.6 GB at 4 x 2048 x 49,152, and as much again for the copy that cross-entropy over
+    `logits.transpose(1, 2)` made. Other causal LMs (a Llama export) give logits.
+    """
+    from transformers import PreTrainedModel
+
+    from genesis_hf.modeling_genesis import GenesisForCausalLM
+
+    core = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP2 is the model itself
+    if isinstance(core, GenesisForCausalLM):
+        return model(input_ids=x, shift_labels=targets, loss_reduction="none", use_cache=False).loss
+    kwargs = {"use_cache": False} if isinstance(core, PreTrainedModel) else {}
+    logits = model(input_ids=x, **kwargs).logits  # (B, T, V)
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return nll.view_as(targets)
+
+
 @torch.no_grad()
 def evaluate_model(model, batches: dict[str, list[torch.Tensor]], byte_lengths: torch.Tensor | None = None,
                    baselines: dict[str, SourceCounts] | None = None) -> dict[str, dict[str, float]]:
@@ -201,22 +222,25 @@ def evaluate_model(model, batches: dict[str, list[torch.Tensor]], byte_lengths: 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    lengths = byte_lengths.to(device) if byte_lengths is not None else None
     out = {}
     for source, rows in batches.items():
-        nll_sum, n_tok, nll_text, n_bytes = 0.0, 0, 0.0, 0
+        # Sums stay on the device and are read once per source: no host sync per batch.
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # NLL, NLL of text targets, bytes
+        n_tok = 0
         for batch in rows:
             batch = batch.to(device)
             x, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each, as the loop's shift_labels
-            logits = model(input_ids=x).logits.float()  # (B, T, V)
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T)
-            nll_sum += nll.sum().item()
+            nll = token_nll(model, x, targets)  # (B, T) fp32
+            sums[0] += nll.sum()
             n_tok += targets.numel()
-            if byte_lengths is not None:
-                nb = byte_lengths.to(device)[targets]  # (B, T)
-                text = nb > 0
-                nll_text += nll[text].sum().item()
-                n_bytes += int(nb.sum().item())
+            if lengths is not None:
+                nb = lengths[targets]  # (B, T)
+                sums[1] += torch.where(nb > 0, nll, 0.0).sum()  # not nll[nb > 0]: its size is a host read
+                sums[2] += nb.sum()
         if n_tok:
+            nll_sum, nll_text, n_bytes = sums.tolist()
+            n_bytes = int(n_bytes)
             bpb = nll_text / (math.log(2) * n_bytes) if n_bytes else float("nan")
             out[source] = {"loss": nll_sum / n_tok, "bpb": bpb, "tokens": n_tok, "bytes": n_bytes}
     model.train(was_training)
