@@ -44,10 +44,14 @@ def resume_on_every_rank(rank: int, world: int, out: str) -> dict:
     """On each rank (tests/_dist.py): three hub resumes with a slow fake download; what each one gave."""
     import datetime
 
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
     from torch.distributed.distributed_c10d import _set_pg_timeout
 
     from training import hub_resume
 
+    # Accelerate's view is a real multi-process one (its collectives are not no-ops), as under a launch.
+    assert PartialState(cpu=True).distributed_type == DistributedType.MULTI_CPU
     _set_pg_timeout(datetime.timedelta(seconds=PG_TIMEOUT_S))  # what a tiny pg_timeout_minutes gives
     hub_resume.PROGRESS_EVERY_S = 0.5
     fail = {"now": False}
