@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
@@ -48,13 +47,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks._gpu_rules import RESUME_RULE, check_room, compare_resume  # noqa: E402
 from benchmarks._gpu_watch import Watch, foreign_contexts, gpu_snapshot, own_gpu, worker_pids  # noqa: E402
 from benchmarks._report import REPORT, machine, write_section  # noqa: E402
 from benchmarks.bench_model import pair, peak_bytes, sync, train_step  # noqa: E402
@@ -69,22 +68,7 @@ DRY_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidd
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 LAYER_CLS = {"Genesis": "GenesisDecoderLayer", "Llama (transformers)": "LlamaDecoderLayer"}
 
-# The resume check without --deterministic. Step 11's loss comes from the restored weights and the
-# restored batch through a deterministic forward, so it must be bit-equal. Every backward after
-# that may differ in the last bits (SDPA's flash-attention backward adds dQ with atomics in a
-# varying order), and the differences grow through AdamW, so later steps get a tolerance: wide
-# enough for rounding over 10 steps, far below what a wrong batch, LR or optimizer state gives
-# (those move the loss by 1e-2 or more within a step or two).
-LOSS_RTOL = 1e-3
-GRAD_RTOL = 1e-2
-RESUME_RULE = (f"step 11's loss bit-equal; then loss within {LOSS_RTOL:g} and grad norm within {GRAD_RTOL:g} "
-               "relative (flash-attention's backward is not deterministic on CUDA by default)")
-# The room a 1B phase needs. pretrain.py plans async staging into at most 80% of the available host
-# memory (training/checkpoint/async_save.py) and falls back to sync saves beyond that.
-STAGING_HEADROOM = 0.8
-WORKING_BYTES_PER_RANK = 6 * 2**30  # a rank's own host memory: the model built in fp32, data, CUDA libraries
-DISK_MARGIN_BYTES = 2 * 2**30  # data shards, compile caches, logs
-DRY_WORKING_BYTES, DRY_DISK_MARGIN = 2**29, 2**28  # the dry run's debug model
+_CUBLAS_SET_HERE = False  # main() set CUBLAS_WORKSPACE_CONFIG (for the deterministic rows) itself
 
 
 def log(msg: str) -> None:
@@ -191,61 +175,6 @@ def model_section(dry: bool, steps: int) -> str:
     ])
 
 
-# ----------------------------------------------------------------------------- room on disk and in host memory
-
-
-def pinned_bytes(config: GenesisConfig, ranks: int) -> tuple[int, int]:
-    """(checkpoint bytes of the whole model, host bytes ONE rank pins to stage its shard).
-
-    A checkpoint holds the fp32 weights and AdamW's two fp32 moments. FSDP2 shards every tensor on
-    dim 0, and torch's caching host allocator rounds each pinned block up to a power of two (for the
-    1B: 5.59 GiB of shards per rank of two pin 7.50 GiB)."""
-    from genesis_hf import GenesisForCausalLM
-
-    with torch.device("meta"):
-        model = GenesisForCausalLM(config)
-    full = pinned = 0
-    for p in model.parameters():
-        shard = math.ceil(p.shape[0] / ranks) * math.prod(p.shape[1:]) * 4
-        full += p.numel() * 4
-        pinned += 1 << (shard - 1).bit_length()
-    return 3 * full, 3 * pinned
-
-
-def host_available() -> int:
-    import psutil
-
-    return psutil.virtual_memory().available
-
-
-def check_room(dry: bool, ranks: int, work: Path) -> str:
-    """One line on the room the run needs and has; SystemExit with that line (what is missing, and
-    what to free) when disk or host memory falls short. Runs before anything is built."""
-    config = GenesisConfig(**DRY_SHAPE) if dry else GenesisConfig()
-    working, margin = (DRY_WORKING_BYTES, DRY_DISK_MARGIN) if dry else (WORKING_BYTES_PER_RANK, DISK_MARGIN_BYTES)
-    ckpt, per_rank = pinned_bytes(config, ranks)
-    # Two checkpoints exist at a time (the one resumed from or kept, and the one being written);
-    # each phase deletes its run folder once measured.
-    disk_need, disk_free = 2 * ckpt + margin, shutil.disk_usage(work).free
-    pinned = per_rank * ranks  # every rank of the run is on this host
-    host_need, host_free = int(pinned / STAGING_HEADROOM) + ranks * working, host_available()
-    gib = 2**30
-    line = (f"disk at {work}: {disk_free / gib:.1f} GiB free, needs {disk_need / gib:.1f} GiB (two "
-            f"{ckpt / gib:.2f} GiB checkpoints at a time + {margin / gib:.2f} GiB); host memory: "
-            f"{host_free / gib:.1f} GiB available, needs {host_need / gib:.1f} GiB ({pinned / gib:.2f} GiB pinned "
-            f"for async saves, at most {STAGING_HEADROOM:.0%} of what is available, + {working / gib:.1f} GiB "
-            f"per rank x {ranks})")
-    short = []
-    if disk_free < disk_need:
-        short.append(f"free {(disk_need - disk_free) / gib:.1f} GiB at {work} or pass --work-dir on a larger disk")
-    if host_free < host_need:
-        short.append(f"free {(host_need - host_free) / gib:.1f} GiB of host memory (other processes, page "
-                     "cache held by tmpfs)")
-    if short:
-        raise SystemExit(f"gpu_check: not enough room: {line}. To run: {'; '.join(short)}.")
-    return line
-
-
 # ----------------------------------------------------------------------------- 2. pretrain.py under FSDP
 
 
@@ -313,9 +242,6 @@ def run_pretrain(dry: bool, out: Path, data: tuple[Path, Path], *extra: str, tim
     return text, took
 
 
-_CUBLAS_SET_HERE = False
-
-
 def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -328,45 +254,6 @@ def saves(out: Path) -> list[dict]:
     """The run's per-save records (metrics.jsonl "checkpoint" events)."""
     return [r for r in records(out) if r.get("event") == "checkpoint"]
 
-
-@dataclass
-class ResumeCheck:
-    ok: bool
-    exact: bool  # every compared loss and grad norm bit-equal
-    worst_loss: float  # largest relative difference
-    worst_grad: float
-    problems: list[str]
-
-
-def compare_resume(straight: dict[int, dict], resumed: dict[int, dict], steps: range, *,
-                   exact: bool = False, loss_rtol: float = LOSS_RTOL, grad_rtol: float = GRAD_RTOL) -> ResumeCheck:
-    """The resumed run's steps against the straight run's (RESUME_RULE; `exact`: all bit-equal).
-    A non-finite value never passes."""
-    missing = [s for s in steps if s not in straight or s not in resumed]
-    if missing:
-        return ResumeCheck(False, False, math.inf, math.inf, [f"steps {missing} not logged by both runs"])
-
-    def rel(step: int, key: str) -> float:
-        a, b = straight[step][key], resumed[step][key]
-        return 0.0 if a == b else abs(a - b) / max(abs(a), 1e-12)
-
-    loss = {s: rel(s, "loss") for s in steps}
-    grad = {s: rel(s, "grad_norm") for s in steps}
-    problems = []
-    first = steps[0]
-    if exact:
-        problems += [f"step {s}: {k} {straight[s][k]!r} != {resumed[s][k]!r}" for s in steps
-                     for k in ("loss", "grad_norm") if not straight[s][k] == resumed[s][k]]
-    else:
-        if not straight[first]["loss"] == resumed[first]["loss"]:
-            problems.append(f"step {first}: loss {straight[first]['loss']!r} != {resumed[first]['loss']!r} (must be "
-                            "bit-equal: the same weights and batch through a deterministic forward)")
-        problems += [f"step {s}: loss differs by {loss[s]:.3g} relative (> {loss_rtol:g})"
-                     for s in steps if not loss[s] <= loss_rtol]
-        problems += [f"step {s}: grad norm differs by {grad[s]:.3g} relative (> {grad_rtol:g})"
-                     for s in steps if not grad[s] <= grad_rtol]
-    same = all(straight[s][k] == resumed[s][k] for s in steps for k in ("loss", "grad_norm"))
-    return ResumeCheck(not problems, same, max(loss.values()), max(grad.values()), problems)
 
 
 def pretrain_section(dry: bool, data: tuple[Path, Path], work: Path, deterministic: bool = False) -> tuple[str, bool]:
@@ -463,8 +350,10 @@ def ranks_section(dry: bool, data: tuple[Path, Path], work: Path, steps: int, sa
     rows.append("| host memory pinned, rank 0 (torch.cuda.host_memory_stats, peak of the logged steps) | "
                 + (f"{max(pinned):.2f} GiB" if pinned else "n/a (no CUDA host allocator)") + " |")
     if plan.get("need_bytes") is not None:
-        rows.append(f"| async staging planned for this host (checkpoint_plan) | {plan['need_bytes'] / gib:.2f} GiB "
-                    f"of {plan['available_bytes'] / gib:.1f} GiB available; mode {plan.get('mode')} |")
+        available = plan.get("available_bytes")
+        rows.append(f"| async staging planned for this host (checkpoint_plan) | {plan['need_bytes'] / gib:.2f} GiB"
+                    + (f" of {available / gib:.1f} GiB available" if available else "")
+                    + f"; mode {plan.get('mode')} |")
     rows.append("| saves: training stall / until commit | " + (", ".join(
         f"step {r['step']}: {r['blocked_s']:.2f} s / {r['total_s']:.1f} s" for r in saved) or "none recorded") + " |")
     if steps_logged:
@@ -514,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     work_parent = Path(args.work_dir or tempfile.gettempdir())
     work_parent.mkdir(parents=True, exist_ok=True)
     if not args.prepare_only:
-        log(f"room: {check_room(args.dry_run, args.ranks, work_parent)}")
+        config = GenesisConfig(**DRY_SHAPE) if args.dry_run else GenesisConfig()
+        log(f"room: {check_room(config, args.dry_run, args.ranks, work_parent)}")
     data = prepare_data(Path(args.data_root), 4096)
     if args.prepare_only:
         log(f"data ready: {data}")

@@ -50,7 +50,7 @@ def _resumed(changes: dict | None = None):
 
 
 def _compare(resumed, **kw):
-    from benchmarks.gpu_check import compare_resume
+    from benchmarks._gpu_rules import compare_resume
 
     return compare_resume(STRAIGHT, resumed, range(11, 21), **kw)
 

@@ -72,11 +72,11 @@ def test_dry_run_on_two_ranks_prints_one_table(tmp_path, data_root):
 
 
 def test_too_little_room_is_one_message_before_anything_is_built(tmp_path, monkeypatch):
-    from benchmarks import gpu_check
+    from benchmarks import _gpu_rules, gpu_check
 
-    usage = gpu_check.shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(gpu_check.shutil, "disk_usage", lambda path: usage._replace(free=2**20))
-    monkeypatch.setattr(gpu_check, "host_available", lambda: 2**20)
+    usage = _gpu_rules.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(_gpu_rules.shutil, "disk_usage", lambda path: usage._replace(free=2**20))
+    monkeypatch.setattr(_gpu_rules, "host_available", lambda: 2**20)
     with pytest.raises(SystemExit) as stop:
         gpu_check.main(["--dry-run", "--data-root", str(tmp_path / "data"), "--work-dir", str(tmp_path)])
     msg = str(stop.value.code)
@@ -87,12 +87,13 @@ def test_too_little_room_is_one_message_before_anything_is_built(tmp_path, monke
 
 
 def test_the_1b_needs_two_checkpoints_of_disk_and_the_rounded_pinned_bytes():
-    from benchmarks import gpu_check
+    from benchmarks._gpu_rules import pinned_bytes
+    from genesis_hf import GenesisConfig
 
-    ckpt, per_rank = gpu_check.pinned_bytes(gpu_check.GenesisConfig(), ranks=2)
+    ckpt, per_rank = pinned_bytes(GenesisConfig(), ranks=2)
     assert ckpt == 12 * 1_000_441_344  # fp32 weights + AdamW's two moments
     assert round(per_rank / 2**30, 2) == 7.50  # 5.59 GiB of shards, each block rounded up to a power of two
-    assert round(gpu_check.pinned_bytes(gpu_check.GenesisConfig(), ranks=1)[1] / 2**30, 2) == 15.00
+    assert round(pinned_bytes(GenesisConfig(), ranks=1)[1] / 2**30, 2) == 15.00
 
 
 def test_refuses_without_a_gpu_unless_dry_run(tmp_path):
