@@ -11,6 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _pretrain_fixtures import embedded_data  # noqa: E402,F401  (fixture)
+
 pytestmark = pytest.mark.distributed
 
 
@@ -54,11 +56,12 @@ def test_dry_run_measures_everything_and_resumes_exactly(tmp_path, capsys, monke
     assert "room: disk at " in capsys.readouterr().out
 
 
-def test_dry_run_on_two_ranks_prints_one_table(tmp_path, data_root):
+def test_dry_run_on_two_ranks_prints_one_table(tmp_path, monkeypatch, embedded_data):  # noqa: F811
     from benchmarks import gpu_check
 
+    monkeypatch.setattr(gpu_check, "prepare_data", lambda root, vocab: embedded_data)  # the tiny mixture: seconds
     report = tmp_path / "benchmarks.md"
-    assert gpu_check.main(["--dry-run", "--ranks", "2", "--data-root", str(data_root), "--work-dir",
+    assert gpu_check.main(["--dry-run", "--ranks", "2", "--data-root", str(tmp_path / "unused"), "--work-dir",
                            str(tmp_path / "work"), "--report", str(report)]) == 0
     text = report.read_text()
     assert "<!-- gpu_check_ranks2:start -->" in text and "<!-- gpu_check:start -->" not in text
