@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import re
@@ -423,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not args.skip_model:
                 sections.append(model_section(args.dry_run, args.steps or (2 if args.dry_run else 10)))
+                if not args.dry_run:  # pretrain.py gets the GPU to itself: no compiled graphs or cached blocks of ours
+                    torch._dynamo.reset()
+                    gc.collect()
+                    torch.cuda.empty_cache()
             text, ok = pretrain_section(args.dry_run, data, Path(work), args.deterministic)
             sections.append(text)
     name = "gpu_check_ranks2" if args.ranks == 2 else "gpu_check"
