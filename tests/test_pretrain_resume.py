@@ -104,3 +104,41 @@ def test_sigkill_during_save_never_picks_the_partial(straight, embedded_data, tm
         assert a[step]["loss"] == b[step]["loss"] and a[step]["lr"] == b[step]["lr"]
     assert_same_tensors(checkpoint_tensors(straight / "checkpoints" / f"step-{N:08d}"),
                         checkpoint_tensors(out / "checkpoints" / f"step-{N:08d}"))
+
+
+def test_sigterm_to_the_launcher_saves_then_resume_is_bit_identical(straight, embedded_data, tmp_path):  # noqa: F811
+    """Row 16: the launcher forwards SIGTERM to its ranks; they finish the step they are in, agree,
+    commit a checkpoint of it and exit 75; `accelerate launch` exits 143 (128 + SIGTERM) after
+    them. The same command then continues exactly as the uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    from training.lifecycle import EXIT_STOPPED
+
+    out = tmp_path / "stopped"
+    env = {"GENESIS_TEST_BATCH_LOG": str(out / "batches")}
+    proc = start_pretrain(out, embedded_data, *ARGS, env=env | {"GENESIS_TEST_FAULTS": "sleep@2", "GENESIS_TEST_SLEEP_S": "4"})
+    deadline = time.monotonic() + 240
+    while not (read_metrics(out) and max(read_metrics(out)) >= 2):  # the ranks hold after step 2
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 2"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=180) == 128 + signal.SIGTERM
+    stopped = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line).get("event") == "stopped_on_signal"]
+    assert len(stopped) == 1 and stopped[0]["signal"] == "SIGTERM" and stopped[0]["exit_code"] == EXIT_STOPPED
+    k = stopped[0]["step"]
+    assert k in (2, 3) and max(read_metrics(out)) == k
+    assert latest_checkpoint(out / "checkpoints").name == f"step-{k:08d}"  # committed before the exit
+
+    res = ok(run_pretrain(out, embedded_data, *ARGS, env=env))
+    assert f"step-{k:08d}" in res.stdout and "optimizer: restored" in res.stdout
+    a, b = read_metrics(straight), read_metrics(out)
+    assert sorted(a) == sorted(b) == list(range(1, N + 1))
+    for step in a:
+        for key in ("loss", "grad_norm", "lr", "tokens", "tokens_by_source"):
+            assert a[step][key] == b[step][key], f"step {step}: {key} {a[step][key]!r} != {b[step][key]!r}"
+    assert batch_log(out) == batch_log(straight)
+    assert_same_tensors(checkpoint_tensors(straight / "checkpoints" / f"step-{N:08d}"),
+                        checkpoint_tensors(out / "checkpoints" / f"step-{N:08d}"))

@@ -105,8 +105,9 @@ class PretrainArguments:
     resume: str | None = field(default=None, metadata={"help": "'auto' (newest committed, or a fresh start) or a checkpoint path."})
     overrides: str = field(
         default="",
-        metadata={"help": "Comma list of meta fields allowed to differ on resume (world_size, global_batch_tokens, "
-                  "micro_batch, seq_len, grad_accum, tokenizer_fingerprint, lr_schedule)."},
+        metadata={"help": "Comma list of what may differ on resume: world_size, per_device_train_batch_size, "
+                  "gradient_accumulation_steps, tokens_per_step, seq_len, tokenizer_fingerprint (checkpoint meta "
+                  "fields), lr_schedule."},
     )
     reset_optimizer: bool = field(default=False, metadata={"help": "Resume without AdamW state (deliberate; logged)."})
     checkpoint_verify: Literal["sha256", "size"] = field(default="sha256", metadata={"help": "How a resume checks files."})
@@ -138,6 +139,11 @@ class PretrainArguments:
     spike_factor: float = field(default=10.0, metadata={"help": "Loss > factor x running median is a spike (0: off)."})
     spike_window: int = field(default=50, metadata={"help": "Finite losses in the running median."})
     max_consecutive_skips: int = field(default=10, metadata={"help": "Stop after this many skipped steps in a row."})
+    stop_signal: str = field(
+        default="SIGUSR1",
+        metadata={"help": "The scheduler's early-warning signal (Slurm: --signal=USR1@120): like SIGTERM and SIGINT, "
+                  "it stops the run after the current step with a committed checkpoint (exit 75); '' for none."},
+    )
     pg_timeout_minutes: float = field(default=30.0, metadata={"help": "Process-group (collective) timeout."})
     startup_check_timeout_s: float = field(default=120.0, metadata={"help": "Deadline for the start-up all-reduce."})
 

@@ -31,9 +31,13 @@ if __package__ in (None, ""):  # `python training/pretrain.py` / `accelerate lau
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
+from training.lifecycle import die_with_launcher  # noqa: E402  (first: a worker never outlives its launcher)
+
+_DEATH_NOTE = die_with_launcher()
+
 from training.reliability import set_launch_env  # noqa: E402  (must run before CUDA starts)
 
-_LAUNCH_NOTES = set_launch_env()
+_LAUNCH_NOTES = set_launch_env() + ([_DEATH_NOTE] if _DEATH_NOTE else [])
 
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
@@ -59,6 +63,7 @@ from training.fsdp import (  # noqa: E402
     use_genesis_policy,
 )
 from training.hub_sync import HubSync  # noqa: E402
+from training.lifecycle import EXIT_STOPPED, RunLock, StopRequest  # noqa: E402
 from training.metrics import MetricsLogger, scrub  # noqa: E402
 from training.reliability import SpikeGuard, TestFaults, startup_check  # noqa: E402
 from training.run_setup import (  # noqa: E402
@@ -156,6 +161,8 @@ def train(args: PretrainArguments) -> int:
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
     for note in _LAUNCH_NOTES:
         logger.info("launch environment: %s", note)
+    lock = take_run_lock(args.output_dir, accelerator)  # before anything writes into the run folder
+    stop = StopRequest(args.stop_signal or None)  # SIGTERM/SIGINT/early warning: finish the step, save, exit 75
     apply_determinism(args)  # before any cuBLAS call: CUBLAS_WORKSPACE_CONFIG is read at the first handle
     require_granted_fsdp(accelerator)  # never train unsharded when the config asked for FSDP
     hub = HubSync.from_args(args, is_main=main_proc)  # push_to_hub flags refused here, before any work
@@ -263,11 +270,13 @@ def train(args: PretrainArguments) -> int:
                     metrics.log(event)
                 bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}", tok_s=f"{record['tok_s']:.0f}")
 
-            # Save decision: by steps, by wall time (rank 0's clock, agreed by every rank), at the end.
+            # Save decision: by steps, by wall time (rank 0's clock, agreed by every rank), at the end,
+            # and on a stop signal seen by any rank (every rank then stops after this same step).
             time_due = args.save_minutes > 0 and time.monotonic() - last_save >= args.save_minutes * 60
             due = (args.save_steps and step % args.save_steps == 0) or step == args.max_steps
-            flag = torch.tensor([float(due or (time_due and main_proc))])
-            if all_reduce_sum(flag, accelerator.device).item() > 0:
+            flags = torch.tensor([float(due or (time_due and main_proc)), float(stop.requested and step < args.max_steps)])
+            save_due, stopping = (all_reduce_sum(flags, accelerator.device) > 0).tolist()  # CPU-GPU sync point
+            if save_due or stopping:
                 summaries[step] = {"loss": res.loss, "tokens": train_state["tokens_seen"]}
                 if last_eval.get("step") == step:  # the card shows the step's validation bits per byte
                     summaries[step]["val_bpb"] = last_eval["val_bpb"]
@@ -276,19 +285,35 @@ def train(args: PretrainArguments) -> int:
             for event in checkpointer.records():
                 metrics.log(event)
             faults.after_step(step)
+            if stopping:
+                checkpointer.wait(reason="before stopping")  # the stop's checkpoint is committed on exit
+                for event in checkpointer.records():
+                    metrics.log(event)
+                logger.warning("stopping at step %d on %s: checkpoint %s committed; exit code %d; the same "
+                               "command resumes", step, stop.signal_name or "another rank's signal",
+                               checkpointer.root / step_dirname(step), EXIT_STOPPED)
+                metrics.log({"step": step, "event": "stopped_on_signal", "signal": stop.signal_name or "another rank",
+                             "checkpoint": str(checkpointer.root / step_dirname(step)), "exit_code": EXIT_STOPPED})
+                exit_code = EXIT_STOPPED
+                break
     bar.close()
     checkpointer.close()  # the process never ends before the save in flight has committed
     for event in checkpointer.records():
         metrics.log(event)
     faults.probe(model, accelerator)
     if hub is not None:
-        for what in hub.close(args.hub_exit_timeout_minutes * 60):
+        # A stop on a signal has a grace period to meet: uploads not done in a minute resume with the run.
+        wait_s = args.hub_exit_timeout_minutes * 60 if exit_code != EXIT_STOPPED else min(60.0, args.hub_exit_timeout_minutes * 60)
+        for what in hub.close(wait_s):
             logger.warning("hub upload not finished at exit: %s", what)
         for event in hub.events():
             metrics.log(event)
     metrics.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    stop.restore()
+    if lock is not None:
+        lock.release()
     # Teardown: a gloo worker thread frees the last finished all-gather (a decref that needs the
     # GIL) while the main thread, holding the GIL, destroys DDP's reducer -> process group ->
     # joins that worker: a deadlock seen here at exit. Sleeping hands the GIL to the workers, and
@@ -297,6 +322,24 @@ def train(args: PretrainArguments) -> int:
         time.sleep(0.2)
         _KEEP_ALIVE.extend([model, optimizer, scheduler])
     return exit_code
+
+
+def take_run_lock(output_dir: str, accelerator) -> RunLock | None:
+    """Rank 0 locks <output_dir>/run.lock; every rank learns the outcome, so a second run into a
+    live run's folder is refused on every rank before anything is written (exit 2)."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, box = None, [None]
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(output_dir).acquire()
+        except (ValueError, OSError) as e:
+            box = [str(e)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box, from_process=0)
+    if box[0] is not None:
+        raise ValueError(box[0])
+    return lock
 
 
 @contextlib.contextmanager

@@ -171,6 +171,8 @@ class TestFaults:
         inf@3      loss x inf on every rank
         spike@7    loss x 20 on every rank (a 20x spike)
         kill@4     SIGKILL every rank right after step 4 (and its save) completed
+        sleep@2    every rank sleeps after step 2, GENESIS_TEST_SLEEP_S seconds (default 3) or until the
+                   file GENESIS_TEST_RELEASE exists: a test signals or kills the launcher meanwhile
     GENESIS_TEST_BATCH_LOG=<dir>: every rank appends {rank, step, micro, sha} of each micro-batch
     to <dir>/rank-R.jsonl, so a test can compare the tokens a run consumed.
     GENESIS_TEST_PROBE=<file>: at the end of training, every rank runs the live (possibly sharded)
@@ -228,3 +230,8 @@ class TestFaults:
     def after_step(self, step: int) -> None:
         if self._hit("kill", step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._hit("sleep", step):
+            deadline = time.monotonic() + float(os.environ.get("GENESIS_TEST_SLEEP_S", "3"))
+            release = os.environ.get("GENESIS_TEST_RELEASE")
+            while time.monotonic() < deadline and not (release and os.path.exists(release)):
+                time.sleep(0.05)
