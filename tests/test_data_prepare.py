@@ -13,7 +13,7 @@ from _data_fixtures import FIXTURES, embedded, synthetic_docs, write_jsonl, writ
 
 from training.data import shards
 from training.data.mixture import load_mixture
-from training.data.prepare import _SourceWriter, cli_main, ensure_embedded_data, prepare
+from training.data.prepare import cli_main, ensure_embedded_data, prepare
 from training.data.renderers import get_renderer
 
 
@@ -25,6 +25,12 @@ def _docs(data_dir, entry, tok, split="train"):
     cuts = np.flatnonzero(ids == 0)
     starts = np.concatenate([[0], cuts[:-1] + 1])
     return [tok.decode(ids[a:b].tolist()) for a, b in zip(starts, cuts)]
+
+
+def _docs_lengths(data_dir, entry, split="train"):
+    ids = np.concatenate([np.fromfile(data_dir / s["file"], dtype=np.uint16) for s in entry["shards"]
+                          if s["split"] == split])  # fmt: skip
+    return np.diff(np.concatenate([[-1], np.flatnonzero(ids == 0)])).tolist()
 
 
 def test_fixture_mixture_counts_and_exact_text(embedded, tmp_path):  # noqa: F811
@@ -163,11 +169,8 @@ def _resumable_setup(tmp_path):
 
 
 def test_interrupted_prepare_resumes_to_the_same_result(embedded, tmp_path, monkeypatch):  # noqa: F811
-    import training.data.prepare as prepare_module
-
-    monkeypatch.setattr(prepare_module, "_BATCH", 16)  # commits happen between batches: make them frequent
-    mix = _resumable_setup(tmp_path)
-    straight = prepare(mix, embedded[0], tmp_path / "straight", show_progress=False, num_proc=1)
+    mix = _resumable_setup(tmp_path)  # 2 KB pieces: the merge commits after each, so often
+    straight = prepare(mix, embedded[0], tmp_path / "straight", show_progress=False, num_proc=1, piece_bytes=2000)
     assert len(straight["sources"]["a"]["shards"]) > 4
 
     real_write = shards.write_json_atomic
@@ -182,16 +185,17 @@ def test_interrupted_prepare_resumes_to_the_same_result(embedded, tmp_path, monk
 
     monkeypatch.setattr(shards, "write_json_atomic", crash_on_third_progress)
     with pytest.raises(KeyboardInterrupt):
-        prepare(mix, embedded[0], tmp_path / "resumed", show_progress=False, num_proc=1)
+        prepare(mix, embedded[0], tmp_path / "resumed", show_progress=False, num_proc=1, piece_bytes=2000)
     monkeypatch.setattr(shards, "write_json_atomic", real_write)
     src = tmp_path / "resumed" / "a"
     assert not (tmp_path / "resumed" / "manifest.json").exists()
     (src / "train-00099.bin.tmp-1").write_bytes(b"half")  # a half-written file of an earlier kill
     committed = json.loads((src / "progress.json").read_text())
     listed = {s["file"].split("/")[1] for s in committed["shards"]}
+    listed |= {c["file"] for cs in committed["carry"].values() for c in cs}
     orphans = {f.name for f in src.glob("*.bin")} - listed
     assert orphans, "the crash left renamed shards that progress.json does not list"
-    resumed = prepare(mix, embedded[0], tmp_path / "resumed", show_progress=False, num_proc=1)
+    resumed = prepare(mix, embedded[0], tmp_path / "resumed", show_progress=False, num_proc=1, piece_bytes=2000)
     for name in ("a", "b"):
         assert resumed["sources"][name] == straight["sources"][name]
     assert not list(src.glob("*.tmp-*"))
@@ -213,27 +217,16 @@ def test_cli_and_embedded_noop(embedded, tmp_path, capsys):  # noqa: F811
     assert "none.yaml" in capsys.readouterr().err
 
 
-def test_writer_commits_are_atomic(tmp_path):
-    state = {"commits": 0, "shards": [], "dedup_files": [], "records_read": 0, "complete": False}
-    (tmp_path / "s").mkdir()
-    w = _SourceWriter(tmp_path, "s", state, np.dtype(np.uint16))
-    w.add("train", np.arange(10), 1)
-    w.commit(5)
-    assert json.loads((tmp_path / "s" / "progress.json").read_text())["shards"][0]["tokens"] == 10
-    assert not list((tmp_path / "s").glob("*.tmp-*"))
-
-
-def test_token_budget_caps_and_extends(embedded, tmp_path, monkeypatch):  # noqa: F811
-    import training.data.prepare as prepare_module
-
-    monkeypatch.setattr(prepare_module, "_BATCH", 8)
+def test_token_budget_caps_and_extends(embedded, tmp_path):  # noqa: F811
     write_jsonl(tmp_path / "a.jsonl", synthetic_docs("a", 120))
     mix = write_mixture(tmp_path / "m.yaml", [{"name": "a", "data_files": "a.jsonl", "weight": 1}],
                         validation_fraction=0.0)  # fmt: skip
-    capped = prepare(mix, embedded[0], tmp_path / "d", show_progress=False, max_tokens_per_source=400)["sources"]["a"]
-    assert 400 <= capped["train_tokens"] < 400 + 8 * 40 and capped["documents"] < 120
-    full = prepare(mix, embedded[0], tmp_path / "d", show_progress=False)["sources"]["a"]  # budget lifted: continues
-    straight = prepare(mix, embedded[0], tmp_path / "s", show_progress=False)["sources"]["a"]
+    kw = {"show_progress": False, "piece_bytes": 1500}
+    capped = prepare(mix, embedded[0], tmp_path / "d", max_tokens_per_source=400, **kw)["sources"]["a"]
+    last = _docs_lengths(tmp_path / "d", capped)[-1]
+    assert 400 <= capped["train_tokens"] < 400 + last and capped["documents"] < 120  # whole documents, exact
+    full = prepare(mix, embedded[0], tmp_path / "d", **kw)["sources"]["a"]  # budget lifted: continues
+    straight = prepare(mix, embedded[0], tmp_path / "s", **kw)["sources"]["a"]
     assert full["documents"] == straight["documents"] == 120
     assert full["train_tokens"] == straight["train_tokens"]
 

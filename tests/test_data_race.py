@@ -23,7 +23,7 @@ def _thirteen_sources(tmp_path):
 
 def test_thirteen_sources_prepare_ten_of_ten_times(embedded, tmp_path):  # noqa: F811
     mix = _thirteen_sources(tmp_path)
-    manifests = [prepare(mix, embedded[0], tmp_path / f"d{i}", show_progress=False, num_proc=13)
+    manifests = [prepare(mix, embedded[0], tmp_path / f"d{i}", show_progress=False, num_proc=2)
                  for i in range(10)]  # fmt: skip
     shas = [{n: [s["sha256"] for s in e["shards"]] for n, e in m["sources"].items()} for m in manifests]
     assert all(s == shas[0] for s in shas) and len(shas[0]) == 13

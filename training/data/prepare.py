@@ -1,209 +1,217 @@
 """`genesis data prepare`: a mixture recipe -> checksummed token shards + manifest.json.
 
-    genesis data prepare --mixture training/mixtures/embedded.yaml --tokenizer TOK --output DATA
+    genesis data prepare --mixture training/mixtures/embedded.yaml --tokenizer TOK --output DATA [--num-proc N]
+    genesis data prepare ... --dry-run      # reads a sample of each source, predicts the total time
 
-Per source (sources run in parallel threads; each batch is encoded by the Rust tokenizer's
-own thread pool):
-  records (datasets streaming) -> renderer -> drop empty / non-UTF-8 / exact duplicates (counted)
-  -> held out (content hash < validation_fraction, up to validation_max_tokens) or train
-  -> ids + <|endoftext|> -> train-NNNNN.bin / val-NNNNN.bin, uint16 (uint32 past 65,536 ids).
+Each source's input is divided into pieces (`training.data.pieces`: byte ranges of a big local
+file, one file, or one shard of a Hub dataset). Worker processes (spawned, not forked: the
+tokenizer's Rust pool is not fork-safe) tokenize pieces where the text is and write each piece's
+ids to disk; the coordinator merges each source's pieces in piece order (`training.data.merge`):
+duplicates across pieces, validation hold-out, token budget and shard cuts happen there, so the
+shards are byte-identical at any ``--num-proc``. Opening a source happens in one process at a
+time per process (see `mixture.load_dataset_safely`), and Hub ids are opened before any worker
+starts, so a source that cannot be read is refused by name first.
 
-Resumable: at each commit the shard files (and the duplicate-filter digests of their documents)
-are written to temp names, fsynced and renamed, and only then ``progress.json`` (records read,
-counters, shard list) is replaced. A killed run leaves at worst files that progress.json does
-not list; the re-run deletes them and continues from the last commit's record. The folder's
-``manifest.json`` is written last: the loader reads nothing without it.
+Resumable at two levels: a tokenized piece is committed by its ``.json`` ledger (a piece without
+one is redone); a source's merge is committed by its ``progress.json`` (a killed merge leaves
+files that are not listed, deleted by the re-run). ``manifest.json`` is written last: the
+loader reads nothing without it.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import sys
-import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import asdict
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from training.data import shards
-from training.data.mixture import Mixture, SourceSpec, describe, load_mixture, open_records
-from training.data.renderers import CHAT_SCHEMAS, MissingField, get_renderer
+from training.data.merge import SourceMerger
+from training.data.mixture import Mixture, describe, load_mixture
+from training.data.pieces import PIECE_BYTES, job_for, plan_digest, plan_pieces, tokenize_piece, worker_init
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MIXTURE = Path(__file__).resolve().parents[1] / "mixtures" / "embedded.yaml"
-_BATCH = 256  # documents per encode_batch call
-_STOP = threading.Event()  # set by prepare() to stop worker threads between batches
+PIECES_DIR = ".pieces"  # tokenized pieces waiting for the merge (removed as they are merged)
 
 
-def _digest(data: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+@dataclass
+class Run:
+    """One preparation: the mixture, the tokenizer's facts, and per source its job and merger."""
+
+    mix: Mixture
+    out: Path
+    tokenizer_dir: Path
+    fingerprint: str
+    tokenizer_format: str | None
+    vocab_size: int
+    eos_id: int
+    dtype: np.dtype
+    jobs: list[dict] = field(default_factory=list)
+    mergers: list[SourceMerger] = field(default_factory=list)
+
+    def order(self) -> list[tuple[int, int]]:
+        """Every (source, piece) in the one global order: sources as listed, pieces by index."""
+        return [(s, i) for s, job in enumerate(self.jobs) for i in range(len(job["pieces"]))]
 
 
-class _SourceWriter:
-    """Buffers one source's tokens and commits shards + progress atomically."""
-
-    def __init__(self, out: Path, name: str, state: dict, dtype: np.dtype):
-        self.dir, self.name, self.state, self.dtype = out / name, name, state, dtype
-        self.buf = {"train": [], "val": []}
-        self.buf_tokens = {"train": 0, "val": 0}
-        self.new_digests: list[int] = []
-
-    def add(self, split: str, ids: np.ndarray, digest: int) -> None:
-        self.buf[split].append(ids)
-        self.buf_tokens[split] += len(ids)
-        self.new_digests.append(digest)
-
-    def commit(self, records_read: int, complete: bool = False) -> None:
-        idx = self.state["commits"]
-        for split in ("train", "val"):
-            if not self.buf_tokens[split]:
-                continue
-            arr = np.concatenate(self.buf[split]).astype(self.dtype, copy=False)
-            rel = f"{self.name}/{split}-{idx:05d}.bin"
-            sha = shards.write_array_atomic(self.dir / f"{split}-{idx:05d}.bin", arr)
-            self.state["shards"].append({"file": rel, "split": split, "tokens": int(len(arr)), "sha256": sha})
-            self.buf[split], self.buf_tokens[split] = [], 0
-        if self.new_digests:
-            shards.write_array_atomic(self.dir / f"dedup-{idx:05d}.u64", np.array(self.new_digests, dtype=np.uint64))
-            self.state["dedup_files"].append(f"dedup-{idx:05d}.u64")
-            self.new_digests = []
-        self.state["commits"] = idx + 1
-        self.state["records_read"] = records_read
-        self.state["complete"] = complete
-        shards.write_json_atomic(self.dir / "progress.json", self.state)  # the commit point
-
-
-def _load_progress(src_dir: Path, fingerprint: str, identity: str, name: str) -> dict:
-    path = src_dir / "progress.json"
-    fresh = {"fingerprint": fingerprint, "identity": identity, "records_read": 0, "commits": 0,
-             "complete": False, "shards": [], "dedup_files": [],
-             "counters": {"documents": 0, "train_tokens": 0, "val_tokens": 0, "val_documents": 0,
-                          "dropped_empty": 0, "dropped_duplicate": 0, "dropped_non_utf8": 0}}  # fmt: skip
-    if not path.is_file():
-        return fresh
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: unreadable progress file ({exc.msg})") from None
-    if state["fingerprint"] != fingerprint:
-        raise ValueError(
-            f"{path}: source {name!r} was tokenized with tokenizer {state['fingerprint'][:16]}..., this run uses "
-            f"{fingerprint[:16]}...: refusing to mix tokenizers (choose a new --output)"
-        )
-    if state["identity"] != identity:
-        raise ValueError(
-            f"{path}: source {name!r} changed (origin, schema, fields or file contents) since its shards were written"
-        )
-    return state
-
-
-def _remove_orphans(src_dir: Path, state: dict) -> None:
-    keep = {Path(s["file"]).name for s in state["shards"]} | set(state["dedup_files"]) | {"progress.json"}
-    for f in src_dir.iterdir():
-        if f.name not in keep:
-            logger.info("removing uncommitted file %s", f)
-            f.unlink()
-
-
-def _prepare_source(job: dict) -> dict:
-    """Tokenize one source into shards; returns its progress state. Runs in a worker thread."""
+def setup_run(mixture: str | Path, tokenizer_dir: str | Path, output_dir: str | Path, *,
+              max_tokens_per_source: int | None = None, work_dir: str | Path | None = None,
+              piece_bytes: int = PIECE_BYTES, overrides: tuple[str, ...] = ()) -> Run:  # fmt: skip
+    """Read the recipe and tokenizer, plan every source's pieces (opening Hub sources) and load its
+    ledger, refusing what cannot be resumed; starts no worker."""
     from tokenizers import Tokenizer
-    from tqdm.auto import tqdm
 
-    spec, mix = SourceSpec(**job["spec"]), job["mixture"]
-    out, dtype = Path(job["output_dir"]), np.dtype(job["dtype"])
-    src_dir = out / spec.name
-    src_dir.mkdir(parents=True, exist_ok=True)
-    state = _load_progress(src_dir, job["fingerprint"], spec.identity(), spec.name)
-    _remove_orphans(src_dir, state)
-    budget = min(b for b in (spec.max_tokens, job["max_tokens"], 1 << 62) if b is not None)
-    c = state["counters"]
-    if state["complete"] and (c["train_tokens"] >= budget or not state.get("truncated_by_budget")):
-        return state
-    tok = Tokenizer.from_file(job["tokenizer_file"])
-    tok.encode_special_tokens = spec.schema not in CHAT_SCHEMAS  # web text cannot forge control tokens
-    eos = np.array([job["eos_id"]], dtype=np.int64)
-    seen = set()
-    for f in state["dedup_files"]:
-        seen.update(np.fromfile(src_dir / f, dtype=np.uint64).tolist())
-    writer = _SourceWriter(out, spec.name, state, dtype)
-    render = get_renderer(spec.schema)
-    records = open_records(spec, job["work_dir"])
-    read = state["records_read"]
-    if read:
-        records = records.skip(read)
-    val_cut = int(mix["validation_fraction"] * 2**64)
-    bar = tqdm(total=None if budget >= 1 << 62 else budget, initial=c["train_tokens"], unit="tok",
-               unit_scale=True, desc=spec.name, position=job["position"], disable=not job["show_progress"])  # fmt: skip
+    from genesis_hf.tokenizer import EOS_TOKEN, REPORT_FILE, tokenizer_fingerprint
 
-    def flush(batch: list[tuple[str, int]]) -> None:
-        encodings = tok.encode_batch([t for t, _ in batch], add_special_tokens=False)
-        for (_, digest), enc in zip(batch, encodings):
-            ids = np.concatenate([np.asarray(enc.ids, dtype=np.int64), eos])
-            held_out = digest < val_cut and c["val_tokens"] + len(ids) <= mix["validation_max_tokens"]
-            split = "val" if held_out else "train"
-            writer.add(split, ids, digest)
-            c["documents"] += 1
-            c[f"{split}_tokens"] += len(ids)
-            c["val_documents"] += held_out
-            if not held_out:
-                bar.update(len(ids))
+    mix: Mixture = load_mixture(mixture)
+    tokenizer_dir, out = Path(tokenizer_dir), Path(output_dir)
+    if unknown := set(overrides) - {s.name for s in mix.sources}:
+        raise ValueError(f"--overrides names no source of {mix.path}: {sorted(unknown)}")
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)
+    report = tokenizer_dir / REPORT_FILE
+    tokenizer_format = json.loads(report.read_text()).get("format") if report.is_file() else None
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    vocab_size, eos_id = tok.get_vocab_size(), tok.token_to_id(EOS_TOKEN)
+    if eos_id is None:
+        raise ValueError(f"{tokenizer_dir}: tokenizer has no {EOS_TOKEN} token")
+    dtype = shards.dtype_for_vocab(vocab_size)
+    if dtype != np.uint16:
+        logger.warning("vocab_size %d does not fit uint16: writing uint32 shards", vocab_size)
+    if (out / shards.MANIFEST).is_file():
+        old = shards.read_manifest(out)
+        if old["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"{out / shards.MANIFEST}: prepared with tokenizer {old['fingerprint'][:16]}..., not "
+                f"{fingerprint[:16]}... ({tokenizer_dir}): refusing to mix tokenizers (choose a new --output)"
+            )
+    run = Run(mix, out, tokenizer_dir, fingerprint, tokenizer_format, vocab_size, eos_id, dtype)
+    work = str(work_dir or out / ".cache")
+    merge_args = {"validation_fraction": mix.validation_fraction, "shard_tokens": mix.shard_tokens,
+                  "validation_max_tokens": mix.validation_max_tokens}  # fmt: skip
+    planned = [(spec, plan_pieces(spec, work, piece_bytes)) for spec in mix.sources]  # every source before any
+    out.mkdir(parents=True, exist_ok=True)
+    for spec, pieces in planned:
+        plan = plan_digest(spec, pieces)
+        budget = min((b for b in (spec.max_tokens, max_tokens_per_source) if b is not None), default=None)
+        run.jobs.append(job_for(spec, pieces, pieces_dir=str(out / PIECES_DIR), work_dir=work, plan=plan,
+                                tokenizer_file=str(tokenizer_dir / "tokenizer.json"), fingerprint=fingerprint,
+                                dtype=dtype.name, eos_id=eos_id, budget=budget))  # fmt: skip
+        run.mergers.append(SourceMerger(out, out / PIECES_DIR, spec.name, fingerprint=fingerprint,
+                                        identity=spec.identity(), plan=plan, n_pieces=len(pieces), budget=budget,
+                                        mixture=merge_args, dtype=dtype, origin=describe(spec),
+                                        overrides=spec.name in overrides))  # fmt: skip
+    return run
 
-    batch: list[tuple[str, int]] = []
-    state["truncated_by_budget"] = False
+
+class _Progress:
+    """One display per run: pieces done (tqdm's rate and ETA), tokens/s, completion per source."""
+
+    def __init__(self, run: Run, show: bool):
+        from tqdm.auto import tqdm
+
+        self.run, self.t0 = run, time.perf_counter()
+        self.tokens0 = self._tokens()
+        left = sum(m.n_pieces - m.next_piece for m in run.mergers if not m.complete)
+        self.bar = tqdm(total=left, unit="piece", desc="prepare", disable=not show, dynamic_ncols=True)
+
+    def _tokens(self) -> int:
+        return sum(m.state["counters"]["train_tokens"] + m.state["counters"]["val_tokens"] for m in self.run.mergers)
+
+    def update(self, pieces: int) -> None:
+        self.bar.total = self.bar.n + pieces + sum(m.n_pieces - m.next_piece for m in self.run.mergers
+                                                  if not m.complete)  # fmt: skip
+        rate = (self._tokens() - self.tokens0) / max(time.perf_counter() - self.t0, 1e-9)
+        done = [m for m in self.run.mergers if m.complete]
+        busy = [f"{m.name} {self.percent(m):.0f}%" for m in self.run.mergers if not m.complete]
+        self.bar.set_postfix_str(f"{rate / 1e6:.2f}M tok/s, sources {len(done)}/{len(self.run.mergers)} done"
+                                 + (f"; {', '.join(busy[:6])}" if busy else ""), refresh=False)  # fmt: skip
+        self.bar.update(pieces)
+
+    @staticmethod
+    def percent(m: SourceMerger) -> float:
+        if m.complete:
+            return 100.0
+        by_budget = m.state["counters"]["train_tokens"] / m.budget
+        return 100.0 * max(m.next_piece / max(m.n_pieces, 1), by_budget)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_pieces(run: Run, num_proc: int, progress: _Progress) -> None:
+    """Tokenize the pieces the merges still need (in `num_proc` processes) and merge them in order."""
+    for m in run.mergers:
+        m.merge_ready()  # pieces tokenized by an earlier run or by engine tasks
+    todo = deque((s, i) for s, i in run.order() if not run.mergers[s].complete and i >= run.mergers[s].next_piece)
+    if num_proc <= 1:  # in this process: the tokenizer's own pool uses every core
+        while todo:
+            s, i = todo.popleft()
+            if not run.mergers[s].complete:
+                tokenize_piece(run.jobs[s], i)
+                progress.update(run.mergers[s].merge_ready())
+        return
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // num_proc)
     try:
-        for record in records:
-            read += 1
+        with ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=worker_init, initargs=(threads,)) as pool:
+            inflight: dict = {}
             try:
-                text = render(record, spec.fields)
-            except MissingField as exc:
-                raise ValueError(f"{describe(spec)}: source {spec.name!r}, record {read}: {exc}") from None
-            if not isinstance(text, str) or not text.strip():
-                c["dropped_empty"] += 1
-                continue
-            try:
-                data = text.encode("utf-8")
-            except UnicodeEncodeError:  # lone surrogates
-                data = None
-            if data is None or "\ufffd" in text:  # U+FFFD: bytes that were not UTF-8 (see open_records)
-                c["dropped_non_utf8"] += 1
-                continue
-            digest = _digest(data)
-            if digest in seen:
-                c["dropped_duplicate"] += 1
-                continue
-            seen.add(digest)
-            batch.append((text, digest))
-            if len(batch) >= _BATCH:
-                if _STOP.is_set():
-                    raise RuntimeError(f"source {spec.name!r}: stopped; re-run to resume from its last commit")
-                flush(batch)
-                batch = []
-                if c["train_tokens"] >= budget:
-                    state["truncated_by_budget"] = True
-                    break
-                if writer.buf_tokens["train"] >= mix["shard_tokens"]:
-                    writer.commit(read)
-        else:
-            if batch:
-                flush(batch)
-    finally:
-        bar.close()
-    if c["documents"] == 0:
-        raise ValueError(
-            f"{describe(spec)}: source {spec.name!r} yielded no usable documents "
-            f"({read} records read; {c['dropped_empty']} empty, {c['dropped_non_utf8']} non-UTF-8)"
-        )
-    writer.commit(read, complete=True)
-    return state
+                while todo or inflight:
+                    while todo and len(inflight) < 2 * num_proc:  # bounded: the merge needs pieces in order
+                        s, i = todo.popleft()
+                        if not run.mergers[s].complete:
+                            inflight[pool.submit(tokenize_piece, run.jobs[s], i)] = s
+                    if not inflight:
+                        break
+                    done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        s = inflight.pop(f)
+                        f.result()  # a worker's error (bad record, unreadable file) stops the run here
+                        progress.update(run.mergers[s].merge_ready())
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # committed pieces stay for the re-run
+                raise
+    except BrokenProcessPool as exc:
+        raise RuntimeError(f"a worker process died ({exc}); run the same command again: merged and tokenized "
+                           "pieces are kept, the rest is redone") from None  # fmt: skip
+
+
+def write_manifest(run: Run, seconds: float | None = None) -> dict:
+    """The one manifest.json the loader reads, once every source is complete."""
+    if missing := [m.name for m in run.mergers if not m.complete]:
+        raise RuntimeError(f"sources not complete, no manifest written: {missing}")
+    manifest = {
+        "format_version": shards.FORMAT_VERSION,
+        "fingerprint": run.fingerprint,
+        "tokenizer_format": run.tokenizer_format,  # genesis_tokenizer.json's "format"; None for other tokenizers
+        "tokenizer_dir": str(run.tokenizer_dir.resolve()),
+        "vocab_size": run.vocab_size,
+        "eos_token_id": run.eos_id,
+        "dtype": run.dtype.name,
+        "mixture": {"name": run.mix.name, "path": str(run.mix.path), "weights": run.mix.weights},
+        "sources": {},
+    }
+    for spec, m in zip(run.mix.sources, run.mergers):
+        manifest["sources"][spec.name] = {"weight": spec.weight, "origin": describe(spec), "schema": spec.schema,
+                                          "identity": spec.identity(), **m.manifest_entry()}  # fmt: skip
+    if seconds is not None:
+        manifest["seconds"] = round(seconds, 2)
+    shards.write_json_atomic(run.out / shards.MANIFEST, manifest)
+    shutil.rmtree(run.out / PIECES_DIR, ignore_errors=True)
+    return shards.verify(run.out, checksum=False)
 
 
 def prepare(
@@ -215,96 +223,20 @@ def prepare(
     max_tokens_per_source: int | None = None,
     show_progress: bool = True,
     work_dir: str | Path | None = None,
+    piece_bytes: int = PIECE_BYTES,
+    overrides: tuple[str, ...] = (),
 ) -> dict:
-    """Tokenize every source of `mixture` into `output_dir`; returns the manifest. Resumable and
-    idempotent: a finished folder is verified (sizes) and its manifest returned."""
-    from genesis_hf.tokenizer import EOS_TOKEN, REPORT_FILE, tokenizer_fingerprint
-
-    mix: Mixture = load_mixture(mixture)
-    tokenizer_dir, out = Path(tokenizer_dir), Path(output_dir)
-    fingerprint = tokenizer_fingerprint(tokenizer_dir)
-    report = tokenizer_dir / REPORT_FILE
-    tokenizer_format = json.loads(report.read_text()).get("format") if report.is_file() else None
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    vocab_size, eos_id = tok.get_vocab_size(), tok.token_to_id(EOS_TOKEN)
-    if eos_id is None:
-        raise ValueError(f"{tokenizer_dir}: tokenizer has no {EOS_TOKEN} token")
-    dtype = shards.dtype_for_vocab(vocab_size)
-    if dtype != np.uint16:
-        logger.warning("vocab_size %d does not fit uint16: writing uint32 shards", vocab_size)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / shards.MANIFEST).is_file():
-        old = shards.read_manifest(out)
-        if old["fingerprint"] != fingerprint:
-            raise ValueError(
-                f"{out / shards.MANIFEST}: prepared with tokenizer {old['fingerprint'][:16]}..., not "
-                f"{fingerprint[:16]}... ({tokenizer_dir}): refusing to mix tokenizers (choose a new --output)"
-            )
-    jobs = [
-        {
-            "spec": asdict(spec),
-            "mixture": {"validation_fraction": mix.validation_fraction, "shard_tokens": mix.shard_tokens,
-                        "validation_max_tokens": mix.validation_max_tokens},  # fmt: skip
-            "output_dir": str(out),
-            "work_dir": str(work_dir or out / ".cache"),
-            "tokenizer_file": str(tokenizer_dir / "tokenizer.json"),
-            "fingerprint": fingerprint,
-            "dtype": dtype.name,
-            "eos_id": eos_id,
-            "max_tokens": max_tokens_per_source,
-            "show_progress": show_progress,
-            "position": i,
-        }
-        for i, spec in enumerate(mix.sources)
-    ]
+    """Tokenize every source of `mixture` into `output_dir` with `num_proc` worker processes
+    (default: cores); returns the manifest. Resumable; the same shards at any `num_proc`."""
     t0 = time.perf_counter()
-    procs = min(num_proc or os.cpu_count() or 1, len(jobs))
-    if procs > 1:
-        # Threads, not processes: encode_batch releases the GIL and fans out over the Rust thread
-        # pool, and threads need no fork (unsafe after the tokenizer's pool started) or spawn
-        # (which re-imports the caller's __main__).
-        _STOP.clear()
-        with ThreadPoolExecutor(procs) as pool:
-            futures = [pool.submit(_prepare_source, job) for job in jobs]
-            try:
-                wait(futures, return_when=FIRST_EXCEPTION)
-            except BaseException:  # Ctrl-C: the workers stop at their next batch, after their last commit
-                _STOP.set()
-                raise
-            failed = [f for f in futures if f.done() and f.exception() is not None]
-            if failed:  # one source failed: stop the others too, then report the first failure
-                _STOP.set()
-                for f in futures:
-                    f.cancel()
-                raise failed[0].exception()
-            states = [f.result() for f in futures]
-    else:
-        states = [_prepare_source(job) for job in jobs]
-    manifest = {
-        "format_version": shards.FORMAT_VERSION,
-        "fingerprint": fingerprint,
-        "tokenizer_format": tokenizer_format,  # genesis_tokenizer.json's "format"; None for other tokenizers
-        "tokenizer_dir": str(tokenizer_dir.resolve()),
-        "vocab_size": vocab_size,
-        "eos_token_id": eos_id,
-        "dtype": dtype.name,
-        "mixture": {"name": mix.name, "path": str(mix.path), "weights": mix.weights},
-        "sources": {},
-    }
-    for spec, state in zip(mix.sources, states):
-        manifest["sources"][spec.name] = {
-            "weight": spec.weight,
-            "origin": describe(spec),
-            "schema": spec.schema,
-            "identity": spec.identity(),
-            **state["counters"],
-            "shards": state["shards"],
-        }
-    manifest["seconds"] = round(time.perf_counter() - t0, 2)
-    shards.write_json_atomic(out / shards.MANIFEST, manifest)
-    return shards.verify(out, checksum=False)
+    run = setup_run(mixture, tokenizer_dir, output_dir, max_tokens_per_source=max_tokens_per_source,
+                    work_dir=work_dir, piece_bytes=piece_bytes, overrides=overrides)  # fmt: skip
+    progress = _Progress(run, show_progress)
+    try:
+        run_pieces(run, num_proc or os.cpu_count() or 1, progress)
+    finally:
+        progress.close()
+    return write_manifest(run, time.perf_counter() - t0)
 
 
 def ensure_embedded_data(root: str | Path, *, vocab_size: int = 4096) -> tuple[Path, Path]:
@@ -343,9 +275,12 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--mixture", required=True, help="mixture recipe YAML (training/mixtures/*.yaml)")
     pr.add_argument("--tokenizer", required=True, help="tokenizer folder from `genesis tokenizer train`")
     pr.add_argument("--output", required=True, help="data folder (re-run the same command to resume)")
-    pr.add_argument("--num-proc", type=int, default=None, help="sources tokenized in parallel (default: cores)")
+    pr.add_argument("--num-proc", type=int, default=None, help="worker processes (default: cores); same shards at any N")
     pr.add_argument("--max-tokens-per-source", type=int, default=None, help="cap on train tokens per source")
-    pr.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    pr.add_argument("--no-progress", action="store_true", help="hide the progress display")
+    pr.add_argument("--dry-run", action="store_true", help="read a sample of each source; print the predicted time")
+    pr.add_argument("--overrides", default="", metavar="SRC[,SRC]",
+                    help="sources whose input changed since the last run: prepare them again from scratch")
     v = sub.add_parser("verify", help="check every shard's size and sha256 against the manifest")
     v.add_argument("dir")
     return p
@@ -359,10 +294,17 @@ def cli_main(argv: list[str]) -> int:
             manifest = shards.verify(args.dir, checksum=True)
             print(f"{args.dir}: {sum(len(s['shards']) for s in manifest['sources'].values())} shards OK")
             return 0
+        overrides = tuple(x for x in args.overrides.split(",") if x)
+        if args.dry_run:
+            from training.data.plan import dry_run
+
+            print(dry_run(args.mixture, args.tokenizer, args.output, num_proc=args.num_proc,
+                          max_tokens_per_source=args.max_tokens_per_source, overrides=overrides))  # fmt: skip
+            return 0
         manifest = prepare(args.mixture, args.tokenizer, args.output, num_proc=args.num_proc,
                            max_tokens_per_source=args.max_tokens_per_source,
-                           show_progress=not args.no_progress)  # fmt: skip
-    except (ValueError, FileNotFoundError) as exc:
+                           show_progress=not args.no_progress, overrides=overrides)  # fmt: skip
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"genesis data: error: {exc}", file=sys.stderr)
         return 2
     print(f"{args.output}: tokenizer {manifest['fingerprint'][:16]}..., {manifest['dtype']} shards")
