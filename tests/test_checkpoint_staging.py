@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 from _checkpoint_fixtures import build, train_steps
+from _dist import run_ranks
 from _pretrain_fixtures import embedded_data  # noqa: F401  (fixture)
 from _pretrain_run import run_pretrain
 
@@ -109,6 +111,45 @@ def test_the_stager_allocates_what_was_planned(tmp_path):
                     scheduler=torch.optim.lr_scheduler.LambdaLR(fresh_opt, lambda s: 1.0))
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def fsdp_async_save(rank: int, world: int, root: str) -> dict:
+    """Runs in each of 2 gloo ranks: FSDP2 shards (DTensors) staged, written in the background while
+    training goes on, and loaded back equal to the state at the save."""
+    from _checkpoint_fixtures import snapshot
+
+    from training.checkpoint import load_checkpoint
+    from training.checkpoint.layout import read_manifest
+
+    model, opt, sched = build(seed=0, shard=True)
+    train_steps(model, opt, sched, 2)
+    mode, plan = A.plan_mode("async", model, root, keep_last=2)
+    ck = A.Checkpointer(root, mode="async", keep_last=2, timeout_s=60)
+    ck.save(2, model=model, optimizer=opt, scheduler=sched, **KW)
+    at_save = snapshot(model, opt)
+    train_steps(model, opt, sched, 2)
+    ck.close()
+    fresh, fresh_opt, fresh_sched = build(seed=1, shard=True)
+    load_checkpoint(Path(root) / "step-00000002", model=fresh, optimizer=fresh_opt, scheduler=fresh_sched)
+    loaded = snapshot(fresh, fresh_opt)
+    written = sum(f["size"] for f in read_manifest(Path(root) / "step-00000002")["files"].values())
+    return {"mode": mode, "planned": A.staging_need(model), "need_bytes": plan["need_bytes"],
+            "staged": ck.staging_bytes, "checkpoint_bytes": plan["checkpoint_bytes"], "written": written,
+            "dtensor": type(model.model.embed_tokens.weight).__name__,
+            "same": sorted(at_save) == sorted(loaded) and all(torch.equal(at_save[k], loaded[k]) for k in at_save)}
+
+
+@pytest.mark.distributed
+def test_fsdp2_shards_are_staged_as_planned_and_load_back(tmp_path):
+    res = run_ranks("test_checkpoint_staging:fsdp_async_save", 2, kwargs={"root": str(tmp_path / "ck")},
+                    result_dir=tmp_path / "r", timeout=150)
+    for r in res:
+        assert r.returncode == 0, f"rank {r.rank} failed:\n{r.stderr[-4000:]}"
+        v = r.value
+        assert v["dtensor"] == "DTensor" and v["mode"] == "async" and v["same"]
+        assert v["staged"] == v["planned"] > 0
+        assert v["need_bytes"] == max(x.value["planned"] for x in res)  # the largest shard decides
+        assert v["checkpoint_bytes"] >= v["written"]  # every rank's shards, on the shared folder
 
 
 def _shard_like_fsdp2(model: torch.nn.Module, rank: int, world: int) -> None:

@@ -6,9 +6,11 @@
     ckpt.close()                                         # at exit: waits for the save in flight to commit
 
 `mode="async"`: on the training thread, the ranks agree on the step, rank 0 prepares the
-temporary folder, and every tensor of the model and optimizer shards is copied into host buffers
-(pinned on CUDA; allocated once, reused by every save) together with the RNG, data, train and
-scheduler states of that step. Then a background thread writes the DCP shards and the small parts,
+temporary folder, and every tensor of the model and optimizer shards is copied into one flat host
+buffer per part (pinned on CUDA by cudaHostRegister, exactly the planned bytes; allocated once,
+reused by every save) together with the RNG, data, train and scheduler states of that step. Then a
+background thread, set to the training thread's CUDA device and making no CUDA call of its own
+(DCP writes host-staged state with no copy-ahead: core.py), writes the DCP shards and the small parts,
 hashes them, builds the manifest and commits by rename, then prunes: the same code and the same
 guarantees as a synchronous save (core.py). At most one save is in flight: the next one first
 waits for the previous commit (and says so), and `close()` waits for the last.
@@ -44,8 +46,9 @@ MODES = ("sync", "async")
 HEADROOM = 0.8  # plan staging into at most this share of the host's available memory
 _TEST_MEMORY_ENV = "GENESIS_TEST_HOST_MEMORY_BYTES"  # tests: pretend the host has this much available
 _TEST_DISK_ENV = "GENESIS_TEST_DISK_FREE_BYTES"  # tests: pretend the checkpoint filesystem has this much free
-# Per checkpoint, beyond the tensor bytes: DCP's .metadata, torch.save framing, the JSON parts (measured on
-# the 1B's layout: well under this).
+# Per checkpoint, beyond the tensor bytes: DCP's .metadata, torch.save framing, the JSON parts. Measured:
+# about 2.0-2.4 KB per tensor written plus 25 KB of RNG state per rank; the 1B on 2 ranks writes ~2,300
+# tensors, so about 6 MB.
 CHECKPOINT_OVERHEAD = 64 * 2**20
 
 
