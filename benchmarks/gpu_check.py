@@ -226,15 +226,17 @@ def run_pretrain(dry: bool, out: Path, data: tuple[Path, Path], *extra: str, tim
     # Output through a file, not a pipe: a rank left holding a pipe cannot block the check.
     with tempfile.TemporaryFile("w+") as log_file:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)
-        while proc.poll() is None:
+        while True:
             if sample is not None:
                 sample(proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=every)  # returns the moment the run ends: `took` stays exact
+                break
             if time.perf_counter() - t0 > timeout:
                 kill_tree(proc.pid)
                 proc.wait()
                 log_file.seek(0)
                 raise RuntimeError(f"pretrain.py ran past {timeout:.0f}s:\n{log_file.read()[-4000:]}")
-            time.sleep(every)
         took = time.perf_counter() - t0
         log_file.seek(0)
         text = log_file.read()
@@ -355,8 +357,9 @@ def ranks_section(dry: bool, data: tuple[Path, Path], work: Path, steps: int, sa
         rows.append(f"| async staging planned for this host (checkpoint_plan) | {plan['need_bytes'] / gib:.2f} GiB"
                     + (f" of {available / gib:.1f} GiB available" if available else "")
                     + f"; mode {plan.get('mode')} |")
-    rows.append("| saves: training stall / until commit | " + (", ".join(
-        f"step {r['step']}: {r['blocked_s']:.2f} s / {r['total_s']:.1f} s" for r in saved) or "none recorded") + " |")
+    rows.append("| saves: training stall / until commit (size) | " + (", ".join(
+        f"step {r['step']}: {r['blocked_s']:.2f} s / {r['total_s']:.1f} s ({r.get('bytes', 0) / gib:.2f} GiB)"
+        for r in saved) or "none recorded") + " |")
     if steps_logged:
         mem = max((r.get("peak_mem_gb") or 0.0) for r in steps_logged)
         rows.append(f"| tokens/s, all ranks (median of the logged windows) | "

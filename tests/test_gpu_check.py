@@ -70,7 +70,8 @@ def test_dry_run_on_two_ranks_prints_one_table(tmp_path, monkeypatch, embedded_d
     assert "| run | 2 ranks, 6 steps, async saves at step 4 and 6;" in text
     assert re.search(r"\| workers \| rank 0: pid \d+ \(GPU 0\), rank 1: pid \d+ \(GPU 1\) \|", text), text
     assert "| each rank's context on its own GPU only | not checked: dry run: no GPU to watch |" in text
-    assert re.search(r"\| saves: training stall / until commit \| step 4: [0-9.]+ s / [0-9.]+ s, step 6: ", text), text
+    assert re.search(r"\| saves: training stall / until commit \(size\) \| step 4: [0-9.]+ s / [0-9.]+ s \([0-9.]+ GiB\), "
+                     r"step 6: ", text), text
     assert "| async staging planned for this host (checkpoint_plan) |" in text
 
 
