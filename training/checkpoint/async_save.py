@@ -46,10 +46,9 @@ MODES = ("sync", "async")
 HEADROOM = 0.8  # plan staging into at most this share of the host's available memory
 _TEST_MEMORY_ENV = "GENESIS_TEST_HOST_MEMORY_BYTES"  # tests: pretend the host has this much available
 _TEST_DISK_ENV = "GENESIS_TEST_DISK_FREE_BYTES"  # tests: pretend the checkpoint filesystem has this much free
-# Per checkpoint, beyond the tensor bytes: DCP's .metadata, torch.save framing, the JSON parts. Measured:
-# about 2.0-2.4 KB per tensor written plus 25 KB of RNG state per rank; the 1B on 2 ranks writes ~2,300
-# tensors, so about 6 MB.
-CHECKPOINT_OVERHEAD = 64 * 2**20
+# Written beyond the tensor bytes: torch.save framing and DCP's .metadata (measured 2.0-2.4 KB per tensor),
+# and per rank its RNG state (25 KB) and the small JSON parts.
+BYTES_PER_TENSOR_WRITTEN, BYTES_PER_RANK_WRITTEN = 4096, 2**20
 
 
 ALIGN = 64  # bytes: every tensor's view starts on this boundary of its part's flat buffer
@@ -215,8 +214,10 @@ def staging_need(model: torch.nn.Module) -> int:
 
 
 def checkpoint_bytes(model: torch.nn.Module) -> int:
-    """Bytes of tensor data this rank writes into a checkpoint (its shards of every part)."""
-    return sum(_tensor_bytes(ts) for ts in staging_parts(model).values())
+    """Bytes this rank writes into a checkpoint, at most: its shards of every part, in their dtype,
+    with the framing of each tensor, and its small parts."""
+    parts = staging_parts(model).values()
+    return sum(_tensor_bytes(ts) + BYTES_PER_TENSOR_WRITTEN * len(ts) for ts in parts) + BYTES_PER_RANK_WRITTEN
 
 
 def host_available() -> int:
@@ -267,7 +268,6 @@ def plan_mode(requested: str, model: torch.nn.Module, root: str | Path | None = 
     if root is not None:
         root = Path(root)
         free = _reduce([disk_free(root)], dist.ReduceOp.MIN)[0]  # every rank decides on the same numbers
-        ckpt = ckpt + CHECKPOINT_OVERHEAD
         existing = len(L.committed(root)) if root.is_dir() else 0
         at_once = keep_last + 1
         disk_need = max(1, at_once - existing) * ckpt
