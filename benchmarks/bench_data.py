@@ -10,6 +10,13 @@ On the embedded corpus (the stdlib prose + code of embedded.yaml), in one proces
 3. serve PackedLoader batches (seq_len 2048, micro-batch 4) and report tokens/s against 100x the
    seed's 19,000 tokens/s training rate.
 Writes its section of docs/benchmarks.md (between <!-- data:start --> and <!-- data:end -->).
+
+    python benchmarks/bench_data.py --prepare-only [--prepare-mb 120] [--repeats 2]
+
+4. `genesis data prepare` end to end at 1 and 2 worker processes against raw `tokenizers`
+   `encode_batch` over the same documents on the same cores (interleaved), on a corpus of at least
+   100 MB: the `.py` files of this Python's site-packages, one document per file, as JSON lines,
+   with a 16,384-entry tokenizer trained on its first 16 MB. Writes <!-- data_prepare:start -->.
 """
 
 from __future__ import annotations
@@ -156,6 +163,107 @@ def bench_loader(work: Path, repeats: int) -> list[str]:
     return lines
 
 
+def _py_corpus(path: Path, mb: int) -> tuple[int, int]:
+    """site-packages' .py files (sorted paths) as JSON lines, up to `mb` MB of text."""
+    import json
+    import site
+
+    root = Path(site.getsitepackages()[0])
+    n_docs = n_bytes = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        for f in sorted(root.rglob("*.py")):
+            try:
+                text = f.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            if text.strip():
+                fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                n_docs, n_bytes = n_docs + 1, n_bytes + len(text.encode())
+                if n_bytes >= mb * 1_000_000:
+                    break
+    return n_docs, n_bytes
+
+
+def bench_prepare(work: Path, mb: int, repeats: int, procs: list[int]) -> list[str]:
+    import json
+
+    from genesis_hf.tokenizer import train_tokenizer
+    from training.data.prepare import prepare
+
+    corpus = work / "py.jsonl"
+    n_docs, n_bytes = _py_corpus(corpus, mb)
+    sample = work / "sample.jsonl"
+    with open(corpus, encoding="utf-8") as src, open(sample, "w", encoding="utf-8") as dst:
+        size = 0
+        for line in src:
+            dst.write(line)
+            size += len(line)
+            if size > 16_000_000:
+                break
+    tok_dir = work / "tok16k"
+    train_tokenizer([sample], 16384, tok_dir, show_progress=False)
+    mix = work / "py.yaml"
+    mix.write_text(f"name: py\nvalidation_fraction: 0.001\nsources:\n  - {{name: py, data_files: {corpus}, weight: 1}}\n")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    tok.encode_special_tokens = True
+    texts = [json.loads(line)["text"] for line in open(corpus, encoding="utf-8")]
+
+    def raw():
+        n = 0
+        for i in range(0, len(texts), 1024):
+            n += sum(len(e.ids) for e in tok.encode_batch(texts[i : i + 1024], add_special_tokens=False))
+        return n
+
+    times: dict[str, list[float]] = {"raw": [], **{f"p{p}": [] for p in procs}}
+    tokens, first = 0, None
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        tokens = raw()
+        times["raw"].append(time.perf_counter() - t0)
+        for p in procs:
+            out = work / f"out-{p}-{r}"
+            t0 = time.perf_counter()
+            m = prepare(mix, tok_dir, out, num_proc=p, show_progress=False, work_dir=work / "cache")
+            times[f"p{p}"].append(time.perf_counter() - t0)
+            sha = [s["sha256"] for s in m["sources"]["py"]["shards"]]
+            assert first in (None, sha), "shards differ across --num-proc"
+            first = sha
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lines = [f"Corpus: {n_docs:,} `.py` files of site-packages as JSON lines, {n_bytes / 1e6:.1f} MB of text, "
+             f"{tokens:,} tokens (16,384-entry byte-level BPE trained on its first 16 MB). "
+             f"{repeats} rounds, interleaved (raw, then each --num-proc); median seconds.", "",
+             "| run | seconds | MB/s | x raw encode_batch |", "| --- | --- | --- | --- |",
+             f"| raw `encode_batch` (all cores, batches of 1,024, ids only) | {med['raw']:.1f} | "
+             f"{n_bytes / 1e6 / med['raw']:.2f} | 1.00 |"]  # fmt: skip
+    for p in procs:
+        t = med[f"p{p}"]
+        lines.append(f"| `genesis data prepare --num-proc {p}` (read, render, filter, encode, write shards) | "
+                     f"{t:.1f} | {n_bytes / 1e6 / t:.2f} | **{med['raw'] / t:.2f}x** |")  # fmt: skip
+    lines += ["", "Shards are byte-identical across the --num-proc values (checked each round).",
+              "Each round's raw times: " + ", ".join(f"{x:.1f}" for x in times["raw"]) + " s; "
+              + "; ".join(f"--num-proc {p}: " + ", ".join(f"{x:.1f}" for x in times[f"p{p}"]) for p in procs) + " s."]  # fmt: skip
+    return lines
+
+
+def main_prepare(mb: int, repeats: int, write: bool) -> str:
+    from _report import machine, write_section
+
+    with tempfile.TemporaryDirectory() as tmp:
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        body = ["### Data preparation at scale (`genesis data prepare`)", "",
+                f"Machine: {machine()}; load average at start {load} (a shared machine: compare ratios, "
+                "not absolute times).", ""]  # fmt: skip
+        body += bench_prepare(Path(tmp), mb, repeats, [1, 2])
+    body += ["", "Reproduce: `python benchmarks/bench_data.py --prepare-only`."]
+    text = "\n".join(body)
+    print(text)
+    if write:
+        print(f"\nwrote {write_section('data_prepare', text)}")
+    return text
+
+
 def main(vocab_sizes: list[int], repeats: int, write: bool) -> str:
     from _report import machine, write_section
 
@@ -182,9 +290,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-sizes", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    p.add_argument("--prepare-only", action="store_true", help="only the data prepare vs raw encode benchmark")
+    p.add_argument("--prepare-mb", type=int, default=120, help="corpus size for the prepare benchmark (MB)")
     return p
 
 
 if __name__ == "__main__":
     args = _parser().parse_args()
-    main(args.vocab_sizes, args.repeats, not args.no_write)
+    if args.prepare_only:
+        main_prepare(args.prepare_mb, args.repeats, not args.no_write)
+    else:
+        main(args.vocab_sizes, args.repeats, not args.no_write)

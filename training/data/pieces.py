@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from training.data.mixture import SourceSpec, describe, open_records
 from training.data.renderers import CHAT_SCHEMAS, MissingField, get_renderer
 
 PIECE_BYTES = 8 << 20  # a piece is about 8 MiB of input: small enough to balance 2..64 workers
-_BATCH = 1024  # documents per encode call
+_BATCH = 256  # documents per encode call
 
 
 def digest(data: bytes) -> int:
@@ -122,6 +124,14 @@ def read_piece(stem: Path, dtype: np.dtype) -> tuple[dict, np.ndarray, np.ndarra
 
 
 _TOKENIZERS: dict = {}
+_ENCODER: list = []
+
+
+def _encoder() -> ThreadPoolExecutor:
+    """Two encode calls at a time (this thread's and one background call), per process."""
+    if not _ENCODER:
+        _ENCODER.append(ThreadPoolExecutor(2, thread_name_prefix="encode"))
+    return _ENCODER[0]
 
 
 def _tokenizer(path: str, plain_text: bool):
@@ -156,12 +166,22 @@ def tokenize_piece(job: dict, index: int) -> dict:
     ids: list[int] = []
     lengths: list[int] = []
 
-    def flush():
-        for enc in tok.encode_batch_fast(texts, add_special_tokens=False):
+    # Two batches in flight: `encode_batch_fast` releases the GIL, so while the Rust pool finishes
+    # one batch's longest documents (its tail), it already works on the next, and this thread
+    # reads and renders the one after.
+    pending: deque = deque()
+
+    def collect():
+        for enc in pending.popleft().result():
             ids.extend(enc.ids)
             ids.append(eos)
             lengths.append(len(enc.ids) + 1)
+
+    def flush():
+        pending.append(_encoder().submit(tok.encode_batch_fast, list(texts), add_special_tokens=False))
         texts.clear()
+        while len(pending) > 2:
+            collect()
 
     for record in iter_piece_records(spec, piece, job["work_dir"]):
         c["records"] += 1
@@ -190,6 +210,8 @@ def tokenize_piece(job: dict, index: int) -> dict:
             flush()
     if texts:
         flush()
+    while pending:
+        collect()
     c["documents"], c["tokens"] = len(digests), len(ids)
     shards.write_array_atomic(stem.with_suffix(".tok"), np.array(ids, dtype=dtype))
     shards.write_array_atomic(stem.with_suffix(".dig"), np.array(digests, dtype=np.uint64))
