@@ -91,10 +91,25 @@ def _layout(tensors) -> list[tuple[torch.dtype, tuple[int, ...]]]:
     return [(_local(t).dtype, tuple(_local(t).shape)) for t in tensors]
 
 
+def _slots(tensors) -> tuple[list[torch.Tensor], list[int]]:
+    """(the distinct tensors, each tensor's index among them). Two names for one tensor (a tied
+    weight: the state dict holds it as embed_tokens and lm_head) share one place in the buffer."""
+    first: dict[tuple, int] = {}
+    distinct, index = [], []
+    for t in tensors:
+        loc = _local(t)
+        key = (loc.untyped_storage()._cdata, loc.storage_offset(), tuple(loc.shape), loc.stride(), loc.dtype)
+        if key not in first:
+            first[key] = len(distinct)
+            distinct.append(t)
+        index.append(first[key])
+    return distinct, index
+
+
 def flat_bytes(tensors) -> int:
     """The size of the flat host buffer that holds these tensors' local shards: what staging
     allocates, and pins, byte for byte."""
-    return _Flat.size_of(_layout(tensors))
+    return _Flat.size_of(_layout(_slots(tensors)[0]))
 
 
 def _cuda_device_of(tensors) -> torch.device | None:
@@ -165,17 +180,19 @@ class HostStager:
         tensors = _tensors(state_dict)
         self.device = _cuda_device_of(tensors)
         pin = self.pin_memory and self.device is not None
-        layout = _layout(tensors)
+        distinct, index = _slots(tensors)
+        layout = _layout(distinct)
         flat = self._flat.get(part)
         if flat is None or flat.layout != layout or flat.pinned != (pin and flat.nbytes > 0):
             if flat is not None:  # the structure changed (e.g. AdamW state appeared after the first step)
                 flat.release()
             flat = self._flat[part] = _Flat(layout, pin)
-        views = iter(flat.views)
+        for t, view in zip(distinct, flat.views, strict=True):
+            view.copy_(_local(t).detach(), non_blocking=pin)
+        slots = iter(index)
 
         def leaf(t: torch.Tensor) -> torch.Tensor:
-            view = next(views)
-            view.copy_(_local(t).detach(), non_blocking=pin)
+            view = flat.views[next(slots)]
             # the same global shape and placements around the host view (no device copy on the way)
             return DTensor(view, t._spec, requires_grad=False) if isinstance(t, DTensor) else view
 
