@@ -128,6 +128,11 @@ class PretrainArguments:
     )
     hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the repo private."})
     hub_revision: str | None = field(default=None, metadata={"help": "Branch that follows the newest upload (default main)."})
+    hub_download_timeout_minutes: float = field(
+        default=60.0,
+        metadata={"help": "--resume hub:...: the other ranks wait this long at least for rank 0's download "
+                  "(longer for a big checkpoint: its size at 1 MB/s)."},
+    )
     hub_exit_timeout_minutes: float = field(default=30.0, metadata={"help": "At exit, wait at most this long for uploads in flight."})
     hub_upload_attempts: int = field(default=6, metadata={"help": "Tries per checkpoint upload before it is given up (training goes on)."})
     hub_backoff_seconds: float = field(default=30.0, metadata={"help": "Wait after the first failed upload; doubles per retry, at most 10 minutes."})

@@ -121,7 +121,7 @@ def train_step(model, optimizer, scheduler, loader, accelerator, args, guard, fa
     for micro in range(accum):
         batch = loader.next_batch()
         check_batch(batch, vocab_size)
-        faults.log_batch(step, micro, batch)
+        faults.log_batch(step, micro, batch, loader.last_refs)
         loss_sum += forward_backward(model, accelerator, batch, sync=micro == accum - 1, scale=1.0 / accum,
                                      faults=faults, step=step)
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")

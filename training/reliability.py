@@ -173,8 +173,9 @@ class TestFaults:
         kill@4     SIGKILL every rank right after step 4 (and its save) completed
         sleep@2    every rank sleeps after step 2, GENESIS_TEST_SLEEP_S seconds (default 3) or until the
                    file GENESIS_TEST_RELEASE exists: a test signals or kills the launcher meanwhile
-    GENESIS_TEST_BATCH_LOG=<dir>: every rank appends {rank, step, micro, sha} of each micro-batch
-    to <dir>/rank-R.jsonl, so a test can compare the tokens a run consumed.
+    GENESIS_TEST_BATCH_LOG=<dir>: every rank appends {rank, step, micro, sha, windows} of each
+    micro-batch to <dir>/rank-R.jsonl (windows: the loader's [source, epoch, offset] of each row), so
+    a test can compare the tokens a run consumed.
     GENESIS_TEST_PROBE=<file>: at the end of training, every rank runs the live (possibly sharded)
     model on a fixed input and rank 0 saves its logits there (torch.save), so a test can compare
     an export of the last checkpoint with the model that trained.
@@ -205,10 +206,11 @@ class TestFaults:
                 loss = loss * factor
         return loss
 
-    def log_batch(self, step: int, micro: int, batch) -> None:
+    def log_batch(self, step: int, micro: int, batch, refs=()) -> None:
         if self.batch_log is not None:
             sha = hashlib.sha256(batch.numpy().tobytes()).hexdigest()[:16]
-            self.batch_log.write(json.dumps({"rank": self.rank, "step": step, "micro": micro, "sha": sha}) + "\n")
+            record = {"rank": self.rank, "step": step, "micro": micro, "sha": sha, "windows": [list(r) for r in refs]}
+            self.batch_log.write(json.dumps(record) + "\n")
             self.batch_log.flush()
 
     def probe(self, model, accelerator) -> None:

@@ -224,7 +224,8 @@ def restore(args, accelerator, model, optimizer, scheduler, loader, meta, ckpt_r
     if resume and str(resume).startswith("hub:"):  # downloaded into the run folder, then the local path
         from training.hub_resume import resolve_hub_resume
 
-        resume = resolve_hub_resume(resume, args.output_dir, accelerator)
+        resume = resolve_hub_resume(resume, args.output_dir, accelerator,
+                                    floor_minutes=args.hub_download_timeout_minutes)
     path = resolve_resume(resume, ckpt_root)
     if path is None:
         if args.resume:
@@ -236,13 +237,16 @@ def restore(args, accelerator, model, optimizer, scheduler, loader, meta, ckpt_r
     used = check_resume_compatible(read_meta(path), meta, overrides)
     if args.reset_optimizer:
         logger.warning("--reset_optimizer: AdamW moments are NOT restored from %s (deliberate)", path)
+    # Another world size (a GPU died): DCP reshards model and optimizer, the loader state is merged
+    # from every saved rank, and each rank's RNG is re-derived from (seed, step, rank), all logged.
     out = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler,
                           reset_optimizer=args.reset_optimizer, verify=args.checkpoint_verify,
-                          timeout_s=args.save_timeout_minutes * 60)
+                          timeout_s=args.save_timeout_minutes * 60, reshard="world_size" in used, rng_seed=args.seed)
     train_state = out["train_state"]
     step = train_state["step"]
-    # Positions in the loader state are global, so another micro-batch split is exact (logged).
-    loader.load_state_dict(out["data_state"], allow_resharding="per_device_train_batch_size" in used)
+    # Positions in the loader state are global, so another micro-batch split or world size is exact (logged).
+    loader.load_state_dict(out["data_state"],
+                           allow_resharding=bool({"per_device_train_batch_size", "world_size"} & set(used)))
     if scheduler.last_epoch != step and not args.reset_optimizer:
         raise CheckpointError(f"scheduler state of {path} is at step {scheduler.last_epoch}, train state at {step}")
     saved = LRSchedule.from_dict(train_state["lr_schedule"])
@@ -257,13 +261,18 @@ def restore(args, accelerator, model, optimizer, scheduler, loader, meta, ckpt_r
     audit = dict(out.get("audit") or {})
     audit.update(checkpoint=str(path), step=step, tokens_seen=train_state["tokens_seen"], next_lr=lr, lr_schedule=how,
                  overrides_used=used + (["lr_schedule"] if schedule_override else []),
-                 reset_optimizer=args.reset_optimizer, data_state=_data_summary(out["data_state"]))
+                 reset_optimizer=args.reset_optimizer,
+                 data_state=f"{audit.get('data_state', 'restored')}: {_data_summary(out['data_state'])}")
     if resume != args.resume:
         audit["downloaded_from"] = args.resume
     return train_state, audit
 
 
 def _data_summary(state: dict) -> str:
+    """'batches=12, consumed python-code=26, python-docs=24' for the loader's state (any other: its fields)."""
+    if isinstance(state.get("sources"), dict):
+        consumed = ", ".join(f"{n}={s.get('consumed')}" for n, s in sorted(state["sources"].items()))
+        return f"batches={state.get('batches')}, windows consumed {consumed}"
     keys = [k for k in ("epoch", "cursor", "position", "tokens_consumed") if k in state]
     return ", ".join(f"{k}={state[k]}" for k in keys) or f"{len(state)} fields"
 

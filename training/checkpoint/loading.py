@@ -141,15 +141,20 @@ def load_checkpoint(
     verify: str = "sha256",
     timeout_s: float = 1800.0,
     reset_rng_and_data: bool = False,
+    reshard: bool = False,
+    rng_seed: int = 0,
 ) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG from a committed checkpoint.
 
     Collective: every rank calls it. Returns {"train_state", "data_state" (this rank), "meta",
     "audit"}. The caller restores its data loader from data_state. RNG is restored last.
     `verify`: "sha256" (every file hashed, the work split across ranks) or "size" (sizes only).
-    `reset_rng_and_data`: the only way to resume on another world size (model, optimizer and
-    scheduler reshard; per-rank RNG and data-loader state cannot): they are NOT restored,
-    data_state is None, and this is logged as a warning and recorded in the audit.
+    `reshard`: resume on another world size (a GPU died; `--overrides world_size`). Model,
+    optimizer and scheduler reshard through DCP; the data-loader state is merged from every saved
+    rank (positions are global, the per-source token counts are summed onto rank 0), so no window
+    is replayed or skipped; per-rank RNG cannot map and is re-derived from (`rng_seed`, step,
+    rank). Both are logged and recorded in the audit.
+    `reset_rng_and_data`: neither RNG nor data state is restored (data_state is None); logged.
     """
     if verify not in ("sha256", "size"):
         raise ValueError(f"verify must be 'sha256' or 'size', got {verify!r}")
@@ -165,18 +170,22 @@ def load_checkpoint(
         try:
             manifest = L.read_manifest(path)
             wd.step = manifest["step"]
+            saved_world = manifest.get("world_size")
+            resharding = reshard and saved_world != world and not reset_rng_and_data
             per_rank = [f"rng/rank-{rank:05d}", f"data/rank-{rank:05d}"]
+            if reset_rng_and_data or resharding:
+                skip |= {L.part_of(f) for f in manifest["files"] if f.startswith("rng/")}
+                per_rank = [f"data/rank-{r:05d}" for r in range(saved_world or 0)] if resharding else []
             if reset_rng_and_data:
-                skip |= {L.part_of(f) for f in manifest["files"] if f.startswith(("rng/", "data/"))}
-                per_rank = []
+                skip |= {L.part_of(f) for f in manifest["files"] if f.startswith("data/")}
             required = ["meta", "model", "scheduler", "train_state", *per_rank]
             required += [] if reset_optimizer else ["optimizer"]
-            saved_world = manifest.get("world_size")
-            if saved_world != world and not reset_rng_and_data:
+            if saved_world != world and not (reset_rng_and_data or resharding):
                 raise CheckpointError(
-                    f"RNG and data-loader state of {path} cannot be restored: saved by {saved_world} ranks, "
-                    f"this run has {world}; per-rank state does not map to another world size (pass "
-                    "reset_rng_and_data=True, and override world_size, to resume anyway)"
+                    f"{path} was saved by {saved_world} ranks, this run has {world}: pass --overrides world_size "
+                    "(keeping the tokens per step, e.g. with --gradient_accumulation_steps, and adding it to the "
+                    "overrides) to resume on another world size: the data position carries over exactly and "
+                    "each rank's RNG is re-derived"
                 )
             sizes = {
                 rel: info["size"] for rel, info in manifest["files"].items() if L.part_of(rel) not in skip
@@ -220,7 +229,9 @@ def load_checkpoint(
             out["train_state"] = L.read_json(path / "train_state.json", "train_state", path)
             out["meta"] = L.read_json(path / "meta.json", "meta", path)
             out["data_state"], rng = None, None
-            if not reset_rng_and_data:
+            if resharding:
+                out["data_state"] = _merged_data_state(path, saved_world, rank)
+            elif not reset_rng_and_data:
                 out["data_state"] = L.read_json(path / L.rank_file("data", rank), per_rank[1], path)
                 rng = L.read_json(path / L.rank_file("rng", rank), per_rank[0], path)
                 if not (isinstance(rng, dict) and "python" in rng and "torch_cpu" in rng):
@@ -244,10 +255,13 @@ def load_checkpoint(
                 "last_epoch": getattr(inner_sched, "last_epoch", None),
                 "last_lr": list(getattr(inner_sched, "_last_lr", []) or []),
             },
-            "data_state": "RESET (reset_rng_and_data=True)"
-            if reset_rng_and_data
+            "data_state": "RESET (reset_rng_and_data=True)" if reset_rng_and_data
+            else f"merged from {saved_world} saved ranks for rank {rank} of {world}" if resharding
             else f"restored for rank {rank}",
-            "rng": "RESET (reset_rng_and_data=True)" if reset_rng_and_data else f"restored for rank {rank}",
+            "rng": "RESET (reset_rng_and_data=True)" if reset_rng_and_data
+            else f"RE-DERIVED from (seed {rng_seed}, step {manifest['step']}, rank {rank}): saved by {saved_world} "
+                 f"ranks, this run has {world}" if resharding
+            else f"restored for rank {rank}",
             "verify": verify,
             "files_verified": len(manifest["files"]) - sum(L.part_of(f) in skip for f in manifest["files"]),
             "bytes_hashed_by_this_rank": hashed,
@@ -264,10 +278,54 @@ def load_checkpoint(
                 manifest.get("world_size"),
                 world,
             )
+        elif resharding:
+            audit["rng_generators"] = derive_rng(rng_seed, manifest["step"], rank)
+            logger.warning("resharded resume %s: %d -> %d ranks; data state merged from every saved rank, RNG "
+                           "re-derived from (seed %d, step %d, rank %d)", path, saved_world, world, rng_seed,
+                           manifest["step"], rank)
         else:
             audit["rng_generators"] = restore_rng(rng, f"{path} (rank {rank})")
     core._last_loaded = str(path)
     return {**out, "audit": audit}
+
+
+def _merged_data_state(path: Path, saved_world: int, rank: int) -> dict:
+    """This rank's loader state on another world size, from every saved rank's. Positions and the
+    mixture segment are global (identical on all saved ranks: checked); the per-source token counts
+    are per rank, so their sums go to rank 0 and the other ranks start from zero."""
+    states = [L.read_json(path / L.rank_file("data", r), f"data/rank-{r:05d}", path) for r in range(saved_world)]
+    shared = ("sources", "segment", "batches", "seq_len", "seed", "split", "fingerprint")
+    for r, st in enumerate(states[1:], start=1):
+        differs = [k for k in shared if st.get(k) != states[0].get(k)]
+        if differs:
+            raise CheckpointError(f"data states of {path} disagree between rank 0 and rank {r} on {differs}; "
+                                  "cannot merge them for another world size")
+    merged = dict(states[0])
+    totals: dict[str, int] = {}
+    for st in states:
+        for name, n in (st.get("tokens_by_source") or {}).items():
+            totals[name] = totals.get(name, 0) + int(n)
+    merged["tokens_by_source"] = totals if rank == 0 else dict.fromkeys(totals, 0)
+    return merged
+
+
+def derive_rng(seed: int, step: int, rank: int) -> list[str]:
+    """Seed every generator of this process from (seed, step, rank): deterministic, distinct per
+    rank, and logged, for a resume whose saved per-rank RNG states do not map (another world size)."""
+    import random
+    import zlib
+
+    import numpy as np
+
+    value = zlib.crc32(f"genesis-rng:{seed}:{step}:{rank}".encode())
+    random.seed(value)
+    np.random.seed(value)
+    torch.default_generator.manual_seed(value)
+    done = ["python", "numpy", "torch_cpu"]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed(value)  # this rank's device only
+        done.append("cuda")
+    return done
 
 
 def format_audit(audit: dict) -> str:
@@ -313,7 +371,7 @@ def check_resume_compatible(saved_meta: dict, current_meta: dict, overrides: Ite
             for f in factors:
                 prod *= meta[f]
             meta["tokens_per_step"] = prod
-    used, mismatches = [], []
+    used, mismatches, names = [], [], []
     for field in core.RESUME_FIELDS:
         s, c = saved_meta.get(field), current.get(field)
         if s == c:
@@ -323,9 +381,14 @@ def check_resume_compatible(saved_meta: dict, current_meta: dict, overrides: Ite
             used.append(field)
         else:
             mismatches.append(f"{field}: checkpoint {s!r}, now {c!r}")
+            names.append(field)
     if mismatches:
+        hint = ""
+        if "world_size" in names and saved_meta.get("tokens_per_step") == current.get("tokens_per_step"):
+            hint = (" The tokens per step are unchanged, so resuming on another world size is exact: the data "
+                    "position carries over and each rank's RNG is re-derived.")
         raise CheckpointError(
-            "cannot resume: the run does not match the checkpoint (" + "; ".join(mismatches) + "). "
-            "Pass the field names as overrides to accept the change deliberately."
+            "cannot resume: the run does not match the checkpoint (" + "; ".join(mismatches) + "). To accept "
+            f"the change deliberately, pass --overrides {','.join(sorted(set(names) | overrides))}." + hint
         )
     return used

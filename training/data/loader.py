@@ -232,7 +232,10 @@ class PackedLoader:
             abs(segment["weights"][n] - w) < 1e-12 for n, w in self.weights.items()
         )
         if same_mix:
-            self.draws = {n: int(segment["draws"].get(n, 0)) for n in self.sources}
+            # A draw takes one window per rank: on another world size, count the segment's draws in
+            # this run's unit, so the shares keep to within one draw. (Positions are unaffected.)
+            scale = int(state["world_size"]) / self.world_size
+            self.draws = {n: round(int(segment["draws"].get(n, 0)) * scale) for n in self.sources}
         else:
             logger.info("mixture changed at batch %d: %s -> %s; a new segment starts, no data is replayed",
                         state["batches"], segment["weights"], self.weights)  # fmt: skip
