@@ -69,9 +69,10 @@ class Run:
 
 def setup_run(mixture: str | Path, tokenizer_dir: str | Path, output_dir: str | Path, *,
               max_tokens_per_source: int | None = None, work_dir: str | Path | None = None,
-              piece_bytes: int = PIECE_BYTES, overrides: tuple[str, ...] = ()) -> Run:  # fmt: skip
+              piece_bytes: int = PIECE_BYTES, overrides: tuple[str, ...] = (), merge: bool = True) -> Run:  # fmt: skip
     """Read the recipe and tokenizer, plan every source's pieces (opening Hub sources) and load its
-    ledger, refusing what cannot be resumed; starts no worker."""
+    ledger, refusing what cannot be resumed; starts no worker. `merge=False` (an engine task that
+    only tokenizes) leaves the sources' folders alone."""
     from tokenizers import Tokenizer
 
     from genesis_hf.tokenizer import EOS_TOKEN, REPORT_FILE, tokenizer_fingerprint
@@ -109,10 +110,11 @@ def setup_run(mixture: str | Path, tokenizer_dir: str | Path, output_dir: str | 
         run.jobs.append(job_for(spec, pieces, pieces_dir=str(out / PIECES_DIR), work_dir=work, plan=plan,
                                 tokenizer_file=str(tokenizer_dir / "tokenizer.json"), fingerprint=fingerprint,
                                 dtype=dtype.name, eos_id=eos_id, budget=budget))  # fmt: skip
-        run.mergers.append(SourceMerger(out, out / PIECES_DIR, spec.name, fingerprint=fingerprint,
-                                        identity=spec.identity(), plan=plan, n_pieces=len(pieces), budget=budget,
-                                        mixture=merge_args, dtype=dtype, origin=describe(spec),
-                                        overrides=spec.name in overrides))  # fmt: skip
+        if merge:
+            run.mergers.append(SourceMerger(out, out / PIECES_DIR, spec.name, fingerprint=fingerprint,
+                                            identity=spec.identity(), plan=plan, n_pieces=len(pieces),
+                                            budget=budget, mixture=merge_args, dtype=dtype, origin=describe(spec),
+                                            overrides=spec.name in overrides))  # fmt: skip
     return run
 
 
