@@ -25,8 +25,10 @@ per decoder layer like the policy (`shard_reference`), not as the one unit TRL w
 from __future__ import annotations
 
 # First, before anything imports torch (see alignment/sft.py, which logs the notes).
+from training.lifecycle import die_with_launcher  # a launched worker never outlives its launcher
 from training.reliability import set_launch_env
 
+die_with_launcher()
 set_launch_env()
 
 import logging  # noqa: E402

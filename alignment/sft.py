@@ -26,9 +26,11 @@ from __future__ import annotations
 
 # First, before anything imports torch: the launch environment pretraining gets (expandable_segments;
 # on consumer cards NCCL_P2P_DISABLE and NCCL_IB_DISABLE). Logged by `main`; values you export win.
+from training.lifecycle import die_with_launcher  # a launched worker never outlives its launcher
 from training.reliability import launch_env, set_launch_env
 
-LAUNCH_NOTES = set_launch_env()
+_DEATH_NOTE = die_with_launcher()
+LAUNCH_NOTES = set_launch_env() + ([_DEATH_NOTE] if _DEATH_NOTE else [])
 
 import json  # noqa: E402
 import logging  # noqa: E402
