@@ -449,6 +449,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_hidden[start : start + chunk_size] = grad @ weight
                 if need_dw:
                     grad_weight += (grad.t() @ h).float()
+                del grad
+            del logits  # before the next chunk's matmul, or two chunks of logits are alive at once
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total / normaliser
@@ -470,6 +472,7 @@ def _token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         logits = (hidden[start : start + chunk_size] @ weight.t()).float()  # (c, V)
         target_logit = logits.gather(1, y.clamp(min=0)[:, None]).squeeze(1)
         out[start : start + chunk_size] = (torch.logsumexp(logits, dim=-1) - target_logit) * (y != -100)
+        del logits  # before the next chunk's matmul, or two chunks of logits are alive at once
     return out
 
 

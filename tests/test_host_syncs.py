@@ -100,8 +100,11 @@ def test_packed_rows_still_get_the_packed_mask():
 
 
 class _Loader:
+    """PackedLoader's interface as train_step uses it, on random tokens."""
+
     def __init__(self):
         self.gen = torch.Generator().manual_seed(0)
+        self.last_refs: list = []  # (source, epoch, offset) per row of the last batch, for the batch log
 
     def next_batch(self) -> torch.Tensor:
         return torch.randint(0, TINY["vocab_size"], (2, 17), generator=self.gen)  # (B, T+1) on the host
