@@ -196,9 +196,10 @@ def token_nll(model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(B, T) fp32 next-token NLL of `targets` given `x`, under no grad, with no KV cache.
 
     Genesis (bare, or wrapped by DDP/FSDP: `model` is called as the loop prepared it) computes it
-    in the model with its chunked loss, so validation never holds the (B, T, V) fp32 logits: about
-    1.6 GB at 4 x 2048 x 49,152, and as much again for the copy that cross-entropy over
-    `logits.transpose(1, 2)` made. Other causal LMs (a Llama export) give logits.
+    in the model with its chunked loss, so validation never holds the (B, T, V) logits. At the 1B's
+    4 x 2048 x 49,152 in bf16 the head's transient was 3.2 GiB (bf16 logits, their fp32 copy, and
+    cross-entropy's result over `logits.transpose(1, 2)`) and is 0.45 GiB; the unused KV cache was
+    another 0.8 GB (32 layers). Other causal LMs (a Llama export) give logits.
     """
     from transformers import PreTrainedModel
 
