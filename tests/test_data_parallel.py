@@ -83,3 +83,18 @@ def test_unreachable_hub_source_refused_before_any_worker(embedded, tmp_path, mo
     with pytest.raises(ValueError, match=r"nobody/nothing-here\[train\]: source 'web' cannot be opened"):
         prepare(mix, embedded[0], tmp_path / "d", num_proc=1, show_progress=False)
     assert not started and not (tmp_path / "d" / "ok").exists()
+
+
+def test_progress_display_and_dry_run(embedded, tmp_path, capsys):  # noqa: F811
+    from training.data.prepare import cli_main
+
+    mix = _mixture(tmp_path)
+    prepare(mix, embedded[0], tmp_path / "d", num_proc=1, show_progress=True, piece_bytes=2000)
+    err = capsys.readouterr().err
+    assert "M tok/s" in err and "sources 3/3 done" in err and "piece" in err
+    argv = ["prepare", "--mixture", str(mix), "--tokenizer", str(embedded[0]), "--output", str(tmp_path / "dry"),
+            "--dry-run", "--num-proc", "2"]  # fmt: skip
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "predicted total on this machine" in out and "bytes/tok" in out
+    assert not (tmp_path / "dry" / "manifest.json").exists()

@@ -283,6 +283,12 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--dry-run", action="store_true", help="read a sample of each source; print the predicted time")
     pr.add_argument("--overrides", default="", metavar="SRC[,SRC]",
                     help="sources whose input changed since the last run: prepare them again from scratch")
+    pr.add_argument("--executor", choices=("local", "slurm"), default=None,
+                    help="run as datatrove tasks (tokenize ranks, then one merge) instead of --num-proc workers")
+    pr.add_argument("--tasks", type=int, default=None, help="with --executor: tokenize tasks (ranks)")
+    pr.add_argument("--slurm-partition", default=None, help="with --executor slurm: the partition")
+    pr.add_argument("--slurm-time", default="24:00:00", help="with --executor slurm: time limit per task")
+    pr.add_argument("--slurm-cpus", type=int, default=4, help="with --executor slurm: CPUs per task")
     v = sub.add_parser("verify", help="check every shard's size and sha256 against the manifest")
     v.add_argument("dir")
     return p
@@ -303,9 +309,20 @@ def cli_main(argv: list[str]) -> int:
             print(dry_run(args.mixture, args.tokenizer, args.output, num_proc=args.num_proc,
                           max_tokens_per_source=args.max_tokens_per_source, overrides=overrides))  # fmt: skip
             return 0
-        manifest = prepare(args.mixture, args.tokenizer, args.output, num_proc=args.num_proc,
-                           max_tokens_per_source=args.max_tokens_per_source,
-                           show_progress=not args.no_progress, overrides=overrides)  # fmt: skip
+        if args.executor:
+            from training.data.engine import prepare_on_engine
+
+            slurm = {"partition": args.slurm_partition, "time": args.slurm_time, "cpus_per_task": args.slurm_cpus}
+            manifest = prepare_on_engine(args.mixture, args.tokenizer, args.output, tasks=args.tasks or 1,
+                                         executor=args.executor, workers=args.num_proc or -1, slurm=slurm,
+                                         max_tokens_per_source=args.max_tokens_per_source, overrides=overrides)  # fmt: skip
+            if not manifest:
+                print(f"submitted: tokenize ({args.tasks} tasks) then merge; logs in {args.output}/.datatrove")
+                return 0
+        else:
+            manifest = prepare(args.mixture, args.tokenizer, args.output, num_proc=args.num_proc,
+                               max_tokens_per_source=args.max_tokens_per_source,
+                               show_progress=not args.no_progress, overrides=overrides)  # fmt: skip
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"genesis data: error: {exc}", file=sys.stderr)
         return 2
