@@ -19,6 +19,7 @@ from _pretrain_run import run_pretrain
 
 from training.checkpoint import CheckpointError
 from training.checkpoint import async_save as A
+from training.checkpoint import staging as S
 
 KW = dict(train_state={"step": 1}, data_state={"pos": 1}, meta={"m": 1})
 
@@ -63,7 +64,7 @@ def test_the_background_writer_makes_no_cuda_call_but_setting_its_device(tmp_pat
     train_steps(model, opt, sched, 1)
     ck = A.Checkpointer(tmp_path, mode="async", keep_last=2, timeout_s=60)
     calls = _patch_cuda(monkeypatch)
-    monkeypatch.setattr(A, "_cuda_device_of", lambda tensors: torch.device("cuda", 1), raising=False)
+    monkeypatch.setattr(S, "_cuda_device_of", lambda tensors: torch.device("cuda", 1), raising=False)
     ck.save(1, model=model, optimizer=opt, scheduler=sched, **KW)
     ck.close()
     (rec,) = ck.records()
@@ -87,8 +88,8 @@ def test_the_stager_allocates_what_was_planned(tmp_path):
     model = GenesisForCausalLM(tiny_config())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    planned = A.staging_need(model)
-    mode, plan = A.plan_mode("async", model)
+    planned = S.staging_need(model)
+    mode, plan = S.plan_mode("async", model)
     assert mode == "async" and plan["need_bytes"] == planned
     train_steps(model, opt, sched, 1)
     ck = A.Checkpointer(tmp_path, mode="async", keep_last=2, timeout_s=60)
@@ -123,7 +124,7 @@ def fsdp_async_save(rank: int, world: int, root: str) -> dict:
 
     model, opt, sched = build(seed=0, shard=True)
     train_steps(model, opt, sched, 2)
-    mode, plan = A.plan_mode("async", model, root, keep_last=2)
+    mode, plan = S.plan_mode("async", model, root, keep_last=2)
     ck = A.Checkpointer(root, mode="async", keep_last=2, timeout_s=60)
     ck.save(2, model=model, optimizer=opt, scheduler=sched, **KW)
     at_save = snapshot(model, opt)
@@ -133,7 +134,7 @@ def fsdp_async_save(rank: int, world: int, root: str) -> dict:
     load_checkpoint(Path(root) / "step-00000002", model=fresh, optimizer=fresh_opt, scheduler=fresh_sched)
     loaded = snapshot(fresh, fresh_opt)
     written = sum(f["size"] for f in read_manifest(Path(root) / "step-00000002")["files"].values())
-    return {"mode": mode, "planned": A.staging_need(model), "need_bytes": plan["need_bytes"],
+    return {"mode": mode, "planned": S.staging_need(model), "need_bytes": plan["need_bytes"],
             "staged": ck.staging_bytes, "checkpoint_bytes": plan["checkpoint_bytes"], "written": written,
             "dtensor": type(model.model.embed_tokens.weight).__name__,
             "same": sorted(at_save) == sorted(loaded) and all(torch.equal(at_save[k], loaded[k]) for k in at_save)}
@@ -179,21 +180,21 @@ def test_the_1b_plan_equals_what_staging_allocates():
         model = GenesisForCausalLM(GenesisConfig())
     assert sum(p.numel() for p in model.parameters()) == 1_000_441_344
     _shard_like_fsdp2(model, rank=0, world=2)
-    planned = A.staging_need(model)
+    planned = S.staging_need(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for p in model.parameters():
         p.grad = torch.empty_like(p)
     opt.step()
     model_sd, optim_sd = get_state_dict(model, opt)
-    staged = A.flat_bytes(A._tensors(model_sd)) + A.flat_bytes(A._tensors(optim_sd))
+    staged = S.flat_bytes(S._tensors(model_sd)) + S.flat_bytes(S._tensors(optim_sd))
     shards = sum(p.numel() for p in model.parameters()) * 4 * 3  # fp32 weights + 2 moments
-    assert staged == planned == shards + 290 * A.ALIGN == 6_002_666_624  # 5.59 GiB
+    assert staged == planned == shards + 290 * S.ALIGN == 6_002_666_624  # 5.59 GiB
 
     def power_of_two(n):
         return 1 << (n - 1).bit_length()
 
     per_tensor_pinned = sum(power_of_two(t.numel() * t.element_size())
-                            for t in A._tensors(model_sd) + A._tensors(optim_sd) if t.dim() > 0)
+                            for t in S._tensors(model_sd) + S._tensors(optim_sd) if t.dim() > 0)
     assert round(per_tensor_pinned / 2**30, 2) == 7.75
     old_plan = sum(p.numel() * p.element_size() for p in model.parameters()) * 3
     assert round(old_plan / 2**30, 2) == 5.59
@@ -205,24 +206,24 @@ def test_the_1b_plan_equals_what_staging_allocates():
 def test_disk_plan_needs_every_checkpoint_that_exists_at_once(tmp_path, monkeypatch):
     model, opt, sched = build(seed=0, genesis=False)
     root = tmp_path / "out" / "checkpoints"
-    ckpt = A.checkpoint_bytes(model)
+    ckpt = S.checkpoint_bytes(model)
     # keep_last 2 + the one being written = 3 at once, none there yet.
     monkeypatch.setenv("GENESIS_TEST_DISK_FREE_BYTES", str(3 * ckpt - 1))
     with pytest.raises(CheckpointError) as e:
-        A.plan_mode("sync", model, root, keep_last=2)
+        S.plan_mode("sync", model, root, keep_last=2)
     msg = str(e.value)
     assert "\n" not in msg and f"output_dir {tmp_path / 'out'}" in msg
     assert "3 exist at once (keep_last 2 + the one being written; 0 already there)" in msg
     assert f"{3 * ckpt / 2**30:.2f} GiB must be free" in msg and "larger disk" in msg
     monkeypatch.setenv("GENESIS_TEST_DISK_FREE_BYTES", str(3 * ckpt))
-    mode, plan = A.plan_mode("async", model, root, keep_last=2)
+    mode, plan = S.plan_mode("async", model, root, keep_last=2)
     assert mode == "async" and (plan["checkpoint_bytes"], plan["disk_need_bytes"]) == (ckpt, 3 * ckpt)
     # Resuming with keep_last committed already: one more checkpoint must fit.
     monkeypatch.setenv("GENESIS_TEST_DISK_FREE_BYTES", str(ckpt))
     with monkeypatch.context() as m:
-        m.setattr(A.L, "committed", lambda r: [(2, r / "step-00000002"), (4, r / "step-00000004")])
+        m.setattr(S.L, "committed", lambda r: [(2, r / "step-00000002"), (4, r / "step-00000004")])
         root.mkdir(parents=True)
-        assert A.plan_mode("sync", model, root, keep_last=2)[1]["disk_need_bytes"] == ckpt
+        assert S.plan_mode("sync", model, root, keep_last=2)[1]["disk_need_bytes"] == ckpt
 
 
 def test_the_estimate_covers_what_a_save_writes(tmp_path):
@@ -235,8 +236,8 @@ def test_the_estimate_covers_what_a_save_writes(tmp_path):
     train_steps(model, opt, sched, 1)
     path = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, **KW)
     written = sum(f["size"] for f in read_manifest(path)["files"].values())
-    tensors = sum(A._tensor_bytes(ts) for ts in A.staging_parts(model).values())
-    assert tensors < written <= A.checkpoint_bytes(model)
+    tensors = sum(S._tensor_bytes(ts) for ts in S.staging_parts(model).values())
+    assert tensors < written <= S.checkpoint_bytes(model)
 
 
 @pytest.mark.distributed
