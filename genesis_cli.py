@@ -14,6 +14,7 @@ here (docs: STYLE item 11).
     genesis quickstart
     genesis align ...
     genesis playground | plot | eval | report ...
+    genesis plan --config RECIPE --hardware ACCELERATE_CONFIG --gpu "RTX 4090" [--fit] [--json]
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "validation loss and bits per byte per source for exports or checkpoints",
     ),
     "report": ("training.inspection.report", "a markdown page with plots and tables for a run"),
+    "plan": ("training.plan.cli", "before launch: will a recipe fit these GPUs, how fast, which setting (--fit)"),
 }
 
 
