@@ -50,6 +50,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "report": ("training.inspection.report", "a markdown page with plots and tables for a run"),
     "plan": ("training.plan.cli", "before launch: will a recipe fit these GPUs, how fast, which setting (--fit)"),
+    "spikes": ("training.inspection.spikes", "a run's loss spikes, the documents behind them, and its rollbacks"),
 }
 
 

@@ -39,7 +39,7 @@ def test_cli_overrides_yaml_overrides_defaults():
     ("max_steps: three\n", "key 'max_steps' must be int"),
     ("learning_rate: 1e-4\n", "write floats with a dot"),
     ("max_steps: true\n", "key 'max_steps' must be int"),
-    ("nonfinite_policy: ignore\n", "must be one of"),
+    ("spike_policy: ignore\n", "must be one of"),
     ("max_steps: [1\n", "malformed YAML"),
     ("", "empty recipe"),
     ("- a\n- b\n", "flat mapping"),

@@ -110,7 +110,7 @@ def test_skip_policy_skips_nan_and_spike_steps(embedded_data, tmp_path):  # noqa
     # Saves by wall time only (a tiny save_minutes: every step), decided on rank 0 for both ranks.
     res = ok(run_pretrain(out, embedded_data, "--max_steps", "7", "--save_steps", "0", "--save_minutes", "0.0001",
                           "--logging_steps", "1",
-                          "--nonfinite_policy", "skip", "--spike_window", "4",
+                          "--spike_policy", "skip", "--spike_window", "4",
                           env={"GENESIS_TEST_FAULTS": "nan@3:1,spike@6"}))
     assert "policy skip" in res.stderr
     m = read_metrics(out)

@@ -138,12 +138,24 @@ class PretrainArguments:
     hub_backoff_seconds: float = field(default=30.0, metadata={"help": "Wait after the first failed upload; doubles per retry, at most 10 minutes."})
 
     # ---- reliability -----------------------------------------------------------------
-    nonfinite_policy: Literal["stop", "skip"] = field(
-        default="stop", metadata={"help": "On non-finite loss/grads or a spike: stop the run, or skip the step."}
+    spike_policy: Literal["stop", "skip", "rollback"] = field(
+        default="stop",
+        metadata={"help": "On a non-finite loss/gradient or a spike: stop the run (exit 3), skip the optimizer step, "
+                  "or rollback: after rollback_after spikes within rollback_window steps (or any non-finite "
+                  "loss) restore the last checkpoint from before them and skip the data they consumed."},
     )
-    spike_factor: float = field(default=10.0, metadata={"help": "Loss > factor x running median is a spike (0: off)."})
+    spike_factor: float = field(default=10.0, metadata={"help": "Loss (and, under rollback, grad norm) > factor x running median is a spike (0: off)."})
     spike_window: int = field(default=50, metadata={"help": "Finite losses in the running median."})
     max_consecutive_skips: int = field(default=10, metadata={"help": "Stop after this many skipped steps in a row."})
+    rollback_after: int = field(default=2, metadata={"help": "rollback: spikes within rollback_window that trigger it."})
+    rollback_window: int = field(default=50, metadata={"help": "rollback: steps over which spikes are counted (and rollbacks bounded)."})
+    rollback_skip_margin: int = field(default=20, metadata={"help": "rollback: steps' worth of data skipped past the last spike."})
+    max_rollbacks: int = field(default=3, metadata={"help": "rollback: after this many rollbacks within rollback_window, stop (exit 3)."})
+    skip_data: str | None = field(
+        default=None,
+        metadata={"help": "JSON file {source: [[lo, hi], ...]} of global window positions never to read "
+                  "(what a rollback records; `genesis spikes RUN --json` prints them)."},
+    )
     stop_signal: str = field(
         default="SIGUSR1",
         metadata={"help": "The scheduler's early-warning signal (Slurm: --signal=USR1@120): like SIGTERM and SIGINT, "
@@ -209,7 +221,7 @@ def load_recipe(path: str | Path) -> dict:
 
 
 def validate(args: PretrainArguments) -> PretrainArguments:
-    for name in ("embedded_data", "resume", "data_dir", "tokenizer_dir", "model_config", "mixture"):
+    for name in ("embedded_data", "resume", "data_dir", "tokenizer_dir", "model_config", "mixture", "skip_data"):
         if getattr(args, name) == "":  # `--resume ""` on the command line clears a recipe's value
             setattr(args, name, None)
     positive = ["max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seq_len", "logging_steps"]
@@ -222,6 +234,9 @@ def validate(args: PretrainArguments) -> PretrainArguments:
         raise ConfigError(f"min_lr must be in [0, learning_rate={args.learning_rate}], got {args.min_lr}")
     if args.warmup_steps < 0 or args.save_steps < 0 or args.eval_steps < 0:
         raise ConfigError("warmup_steps, save_steps and eval_steps must be >= 0")
+    for name in ("rollback_after", "rollback_window", "rollback_skip_margin", "max_rollbacks"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(args, name)}")
     if args.embedded_data is None and (args.data_dir is None or args.tokenizer_dir is None):
         raise ConfigError("set data_dir and tokenizer_dir (genesis data prepare), or embedded_data")
     return args

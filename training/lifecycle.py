@@ -171,3 +171,21 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def take_run_lock(output_dir: str, accelerator) -> RunLock | None:
+    """Rank 0 locks <output_dir>/run.lock; every rank learns the outcome, so a second run into a
+    live run's folder is refused on every rank before anything is written (exit 2)."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, box = None, [None]
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(output_dir).acquire()
+        except (ValueError, OSError) as e:
+            box = [str(e)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box, from_process=0)
+    if box[0] is not None:
+        raise ValueError(box[0])
+    return lock

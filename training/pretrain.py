@@ -42,6 +42,7 @@ _LAUNCH_NOTES = set_launch_env() + ([_DEATH_NOTE] if _DEATH_NOTE else [])
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import time  # noqa: E402
 from datetime import timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -63,8 +64,9 @@ from training.fsdp import (  # noqa: E402
     use_genesis_policy,
 )
 from training.hub_sync import HubSync  # noqa: E402
-from training.lifecycle import EXIT_STOPPED, RunLock, StopRequest  # noqa: E402
+from training.lifecycle import EXIT_STOPPED, StopRequest, take_run_lock  # noqa: E402
 from training.metrics import MetricsLogger, scrub  # noqa: E402
+from training.recovery import Recovery, read_skip_file, roll_back  # noqa: E402
 from training.reliability import SpikeGuard, TestFaults, startup_check  # noqa: E402
 from training.run_setup import (  # noqa: E402
     StepResult,
@@ -114,16 +116,22 @@ def forward_backward(model, accelerator, batch: torch.Tensor, *, sync: bool, sca
     return loss.detach().float()
 
 
-def train_step(model, optimizer, scheduler, loader, accelerator, args, guard, faults, step, vocab_size) -> StepResult:
+def train_step(model, optimizer, scheduler, loader, accelerator, args, guard, faults, step, vocab_size,
+               recovery=None) -> StepResult:
     """Accumulate, clip, check, step. `step` is the 1-based number of the step being made."""
     accum = args.gradient_accumulation_steps
     loss_sum = torch.zeros((), device=accelerator.device)
+    if recovery is not None:
+        recovery.begin_step(step, loader)  # where the data stood (global positions), for a rollback's skip
     for micro in range(accum):
         batch = loader.next_batch()
         check_batch(batch, vocab_size)
         faults.log_batch(step, micro, batch, loader.last_refs)
-        loss_sum += forward_backward(model, accelerator, batch, sync=micro == accum - 1, scale=1.0 / accum,
-                                     faults=faults, step=step)
+        micro_loss = forward_backward(model, accelerator, batch, sync=micro == accum - 1, scale=1.0 / accum,
+                                      faults=faults, step=step)
+        if recovery is not None:
+            recovery.saw(step, micro, loader.last_refs, micro_loss)  # read (a host sync) only on a spike
+        loss_sum += micro_loss
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)  # pre-clip global norm
     # One collective per step: the loss of every rank (NaN/inf on any rank poisons the sum).
@@ -131,20 +139,22 @@ def train_step(model, optimizer, scheduler, loader, accelerator, args, guard, fa
     loss = loss_sum.item() / accelerator.num_processes
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # DTensor
     lr = optimizer.param_groups[0]["lr"]
-    problem = None
-    if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(torch.tensor(grad_norm))):
+    problem, nonfinite = None, not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if nonfinite:
         problem = "non-finite loss or gradients"
     else:
         spike, median = guard.is_spike(loss)
         if spike:
             problem = f"loss spike ({loss:.4g} > {guard.factor:g} x running median {median:.4g})"
+        elif args.spike_policy == "rollback" and (gspike := guard.is_grad_spike(grad_norm))[0]:
+            problem = f"gradient-norm spike ({grad_norm:.4g} > {guard.factor:g} x running median {gspike[1]:.4g})"
     if problem is None:
         optimizer.step()
-        guard.accept(loss)
+        guard.accept(loss, grad_norm)
     optimizer.zero_grad(set_to_none=True)  # poisoned gradients are dropped here, never applied
-    if problem is None or args.nonfinite_policy == "skip":
+    if problem is None or args.spike_policy != "stop":
         scheduler.step()  # LR stays a function of the step number, skipped steps included
-    return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, problem=problem)
+    return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, problem=problem, nonfinite=nonfinite)
 
 
 def train(args: PretrainArguments) -> int:
@@ -213,8 +223,13 @@ def train(args: PretrainArguments) -> int:
         train_state, audit = resumed
         log_audit(audit, main_proc)
     step = train_state["step"]
-    guard = SpikeGuard(args.spike_factor, args.spike_window, train_state["loss_history"])
+    guard = SpikeGuard(args.spike_factor, args.spike_window, train_state["loss_history"],
+                       train_state.get("grad_norm_history"))
+    recovery = Recovery(args, train_state, rank)  # spike_policy rollback; spikes are attributed under any policy
+    recovery.pending = list(train_state.get("pending_spikes", []))
+    loader.set_skips(recovery.skips(extra=read_skip_file(args.skip_data)))
     faults = TestFaults(rank)
+    faults.generation = len(recovery.rollbacks)
     metrics = MetricsLogger(args.output_dir, enabled=main_proc, report_to=args.report_to,
                             project=args.wandb_project, run_name=args.run_name,
                             config=scrub(dataclasses.asdict(args) | {"model": meta["model_config"]}))
@@ -232,35 +247,70 @@ def train(args: PretrainArguments) -> int:
     with close_on_error(checkpointer):  # a failing run still lets the save in flight commit
         while step < args.max_steps:
             t0 = time.monotonic()
-            res = train_step(model, optimizer, scheduler, loader, accelerator, args, guard, faults, step + 1, vocab_size)
+            res = train_step(model, optimizer, scheduler, loader, accelerator, args, guard, faults, step + 1, vocab_size,
+                             recovery)
             window_t += time.monotonic() - t0
             window_steps += 1
             if res.problem is not None:
                 consecutive_skips += 1
                 train_state["skipped_steps"] += 1
                 msg = (f"step {step + 1}: {res.problem} (loss {res.loss}, grad_norm {res.grad_norm}); optimizer step "
-                       f"NOT taken; policy {args.nonfinite_policy}")
-                if args.nonfinite_policy == "stop" or consecutive_skips > args.max_consecutive_skips:
+                       f"NOT taken; policy {args.spike_policy}")
+                windows = recovery.attribution(step + 1, loader)  # collective: every rank knows of the spike
+                metrics.log({"event": "spike", "step": step + 1, "loss": res.loss, "grad_norm": res.grad_norm,
+                             "problem": res.problem, "windows": windows})
+                verdict = "stop" if args.spike_policy == "stop" else "skip"
+                if args.spike_policy == "rollback":
+                    verdict = recovery.judge(step + 1, res.nonfinite)
+                    if verdict == "rollback":
+                        back = roll_back(args, accelerator, recovery, checkpointer, model, optimizer, scheduler,
+                                         loader, meta, ckpt_root, step + 1)
+                        if back is not None:
+                            train_state, record = back
+                            step = train_state["step"]
+                            guard = SpikeGuard(args.spike_factor, args.spike_window, train_state["loss_history"],
+                                               train_state.get("grad_norm_history"))
+                            faults.generation = len(recovery.rollbacks)
+                            consecutive_skips, window_t, window_steps = 0, 0.0, 0
+                            bar.n = step
+                            metrics.log({"event": "rollback", "step": record["trigger_step"], **record})
+                            continue
+                        verdict = "stop"
+                        why = (f"no committed checkpoint from before step {recovery.pending[0]['step']} under "
+                               f"{ckpt_root}: falling back to stop")
+                        logger.error("rollback impossible: %s", why)
+                        metrics.log({"event": "rollback_impossible", "step": step + 1, "reason": why})
+                    elif verdict == "stop":
+                        logger.error("%d rollbacks within %d steps (the last at steps %s, skipping %s): max_rollbacks "
+                                     "reached", len(recovery.rollbacks), args.rollback_window,
+                                     [rb["spikes"] for rb in recovery.rollbacks[-args.max_rollbacks:]],
+                                     [rb["skip"] for rb in recovery.rollbacks[-args.max_rollbacks:]])
+                if verdict == "stop" or consecutive_skips > args.max_consecutive_skips:
                     logger.error("%s -> stopping; no checkpoint of this state is written (last: step %s)",
                                  msg, last_saved_step if last_saved_step >= 0 else "none")
                     metrics.log({"step": step + 1, "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
-                                 "event": "stopped", "problem": res.problem, "policy": args.nonfinite_policy})
+                                 "event": "stopped", "problem": res.problem, "policy": args.spike_policy})
                     exit_code = EXIT_NONFINITE
                     break
                 logger.warning("%s -> skipped (%d in a row)", msg, consecutive_skips)
             else:
                 consecutive_skips = 0
+                recovery.clean_step(step + 1)
             step += 1
             train_state.update(step=step, tokens_seen=train_state["tokens_seen"] + tokens_per_step,
-                               loss_history=list(guard.history), last_loss=res.loss)
+                               loss_history=list(guard.history), grad_norm_history=list(guard.grad_history),
+                               last_loss=res.loss, pending_spikes=list(recovery.pending),
+                               rollbacks=recovery.rollbacks)
             bar.update(1)
 
             if step % args.logging_steps == 0 or step == args.max_steps or res.problem:
                 record = {"step": step, "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
                           "tokens": train_state["tokens_seen"], "tokens_by_source": tokens_by_source(loader, accelerator)}
                 record |= speed_metrics(meta, window_steps * tokens_per_step, window_t, accelerator)
+                if any(loader.skipped_tokens_by_source.values()):
+                    record["skipped_tokens_by_source"] = dict(loader.skipped_tokens_by_source)  # global already
                 if res.problem:
-                    record |= {"skipped": True, "problem": res.problem, "policy": args.nonfinite_policy}
+                    record |= {"skipped": True, "problem": res.problem, "policy": args.spike_policy}
                 window_t, window_steps = 0.0, 0
                 if args.eval_steps and (step % args.eval_steps == 0 or step == args.max_steps):
                     record |= evaluate(model, val, byte_lengths)
@@ -273,7 +323,11 @@ def train(args: PretrainArguments) -> int:
             # Save decision: by steps, by wall time (rank 0's clock, agreed by every rank), at the end,
             # and on a stop signal seen by any rank (every rank then stops after this same step).
             time_due = args.save_minutes > 0 and time.monotonic() - last_save >= args.save_minutes * 60
-            due = (args.save_steps and step % args.save_steps == 0) or step == args.max_steps
+            # While a spike is pending (rollback), nothing is saved: the state to return to is never
+            # pruned, and no save of a suspect state can commit.
+            due = ((args.save_steps and step % args.save_steps == 0 and recovery.saving_allowed)
+                   or step == args.max_steps)
+            time_due = time_due and recovery.saving_allowed
             flags = torch.tensor([float(due or (time_due and main_proc)), float(stop.requested and step < args.max_steps)])
             save_due, stopping = (all_reduce_sum(flags, accelerator.device) > 0).tolist()  # CPU-GPU sync point
             if save_due or stopping:
@@ -322,24 +376,6 @@ def train(args: PretrainArguments) -> int:
         time.sleep(0.2)
         _KEEP_ALIVE.extend([model, optimizer, scheduler])
     return exit_code
-
-
-def take_run_lock(output_dir: str, accelerator) -> RunLock | None:
-    """Rank 0 locks <output_dir>/run.lock; every rank learns the outcome, so a second run into a
-    live run's folder is refused on every rank before anything is written (exit 2)."""
-    from accelerate.utils import broadcast_object_list
-
-    lock, box = None, [None]
-    if accelerator.is_main_process:
-        try:
-            lock = RunLock(output_dir).acquire()
-        except (ValueError, OSError) as e:
-            box = [str(e)]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(box, from_process=0)
-    if box[0] is not None:
-        raise ValueError(box[0])
-    return lock
 
 
 @contextlib.contextmanager

@@ -143,23 +143,34 @@ def startup_check(accelerator, seconds: float) -> float:
 
 
 class SpikeGuard:
-    """Flags a loss above `factor` x the running median of the last `window` accepted losses.
+    """Flags a loss (or a gradient norm) above `factor` x the running median of the last `window`
+    accepted ones.
 
-    The history is part of the train state, so a resumed run makes the same decisions.
+    The histories are part of the train state, so a resumed run makes the same decisions.
     """
 
-    def __init__(self, factor: float, window: int, history: list[float] | None = None):
+    def __init__(self, factor: float, window: int, history: list[float] | None = None,
+                 grad_history: list[float] | None = None):
         self.factor = factor
         self.history: deque[float] = deque(history or [], maxlen=max(window, 1))
+        self.grad_history: deque[float] = deque(grad_history or [], maxlen=max(window, 1))
+
+    def _check(self, value: float, history: deque) -> tuple[bool, float | None]:
+        if self.factor <= 0 or len(history) < min(10, history.maxlen):
+            return False, None
+        median = statistics.median(history)
+        return value > self.factor * median, median
 
     def is_spike(self, loss: float) -> tuple[bool, float | None]:
-        if self.factor <= 0 or len(self.history) < min(10, self.history.maxlen):
-            return False, None
-        median = statistics.median(self.history)
-        return loss > self.factor * median, median
+        return self._check(loss, self.history)
 
-    def accept(self, loss: float) -> None:
+    def is_grad_spike(self, grad_norm: float) -> tuple[bool, float | None]:
+        return self._check(grad_norm, self.grad_history)
+
+    def accept(self, loss: float, grad_norm: float | None = None) -> None:
         self.history.append(loss)
+        if grad_norm is not None:
+            self.grad_history.append(grad_norm)
 
 
 class TestFaults:
@@ -171,6 +182,10 @@ class TestFaults:
         inf@3      loss x inf on every rank
         spike@7    loss x 20 on every rank (a 20x spike)
         kill@4     SIGKILL every rank right after step 4 (and its save) completed
+        killrecovered@9  the same, but only once the run has rolled back (spike_policy rollback)
+        respike@9  loss x 20 at step 9 in every generation, rollbacks or not
+    nan, inf and spike stand for bad data: they hit only before the run's first rollback (the
+    rollback skips the data, so a replayed step no longer spikes).
         sleep@2    every rank sleeps after step 2, GENESIS_TEST_SLEEP_S seconds (default 3) or until the
                    file GENESIS_TEST_RELEASE exists: a test signals or kills the launcher meanwhile
     GENESIS_TEST_BATCH_LOG=<dir>: every rank appends {rank, step, micro, sha, windows} of each
@@ -189,6 +204,7 @@ class TestFaults:
         if log_dir := os.environ.get("GENESIS_TEST_BATCH_LOG"):
             os.makedirs(log_dir, exist_ok=True)
             self.batch_log = open(os.path.join(log_dir, f"rank-{rank}.jsonl"), "a", encoding="utf-8")
+        self.generation = 0  # rollbacks so far (set by the loop)
         self.faults: list[tuple[str, int, int | None]] = []
         for item in filter(None, (s.strip() for s in os.environ.get(self.ENV, "").split(","))):
             kind, _, where = item.partition("@")
@@ -202,8 +218,10 @@ class TestFaults:
 
     def scale_loss(self, loss, step: int):
         for kind, factor in (("nan", float("nan")), ("inf", float("inf")), ("spike", 20.0)):
-            if self._hit(kind, step):
+            if self.generation == 0 and self._hit(kind, step):
                 loss = loss * factor
+        if self._hit("respike", step):  # a spike in every generation: exhausts max_rollbacks
+            loss = loss * 20.0
         return loss
 
     def log_batch(self, step: int, micro: int, batch, refs=()) -> None:
@@ -230,7 +248,7 @@ class TestFaults:
             torch.save({"input_ids": ids.cpu(), "logits": logits.float().cpu()}, path)
 
     def after_step(self, step: int) -> None:
-        if self._hit("kill", step):
+        if self._hit("kill", step) or (self.generation > 0 and self._hit("killrecovered", step)):
             os.kill(os.getpid(), signal.SIGKILL)
         if self._hit("sleep", step):
             deadline = time.monotonic() + float(os.environ.get("GENESIS_TEST_SLEEP_S", "3"))

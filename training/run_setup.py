@@ -42,6 +42,7 @@ class StepResult:
     grad_norm: float  # global L2 norm BEFORE clipping
     lr: float  # the LR this step used
     problem: str | None = None  # why the optimizer step was not taken
+    nonfinite: bool = False  # the problem is a non-finite loss or gradient
 
 
 def all_reduce_sum(t: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
@@ -208,7 +209,7 @@ def _resolve_schedule(saved: LRSchedule, args: PretrainArguments, step: int, ove
     return wanted, "REPLACED by the recipe's (--overrides lr_schedule)"
 
 
-def restore(args, accelerator, model, optimizer, scheduler, loader, meta, ckpt_root: Path):
+def restore(args, accelerator, model, optimizer, scheduler, loader, meta, ckpt_root: Path, resume: str | None = None):
     """Resume per args.resume: refuse on any mismatch, restore everything, return (train_state, audit).
     None for a fresh start. Nothing has trained when this raises. `hub:owner/name@step-XXXXXXXX` is
     downloaded first (training/hub_resume.py) and then resumed like any local checkpoint."""
@@ -220,7 +221,7 @@ def restore(args, accelerator, model, optimizer, scheduler, loader, meta, ckpt_r
         resolve_resume,
     )
 
-    resume = args.resume
+    requested = resume = args.resume if resume is None else resume  # a rollback names its checkpoint
     if resume and str(resume).startswith("hub:"):  # downloaded into the run folder, then the local path
         from training.hub_resume import resolve_hub_resume
 
@@ -263,8 +264,8 @@ def restore(args, accelerator, model, optimizer, scheduler, loader, meta, ckpt_r
                  overrides_used=used + (["lr_schedule"] if schedule_override else []),
                  reset_optimizer=args.reset_optimizer,
                  data_state=f"{audit.get('data_state', 'restored')}: {_data_summary(out['data_state'])}")
-    if resume != args.resume:
-        audit["downloaded_from"] = args.resume
+    if resume != requested:
+        audit["downloaded_from"] = requested
     return train_state, audit
 
 

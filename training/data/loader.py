@@ -105,6 +105,9 @@ class PackedLoader:
         self.retired: dict[str, dict] = {}  # sources in a loaded state that this data lacks (kept, not lost)
         self.batches = 0
         self.last_refs: list[tuple[str, int, int]] = []  # (source, epoch, token offset) per row of the last batch
+        # Global visit positions [lo, hi) per source never to be read (a spike's data: training/recovery.py).
+        self.skips: dict[str, list[tuple[int, int]]] = {}
+        self.skipped_tokens_by_source: dict[str, int] = dict.fromkeys(self.sources, 0)  # global, every rank alike
         self._perms: dict[tuple[str, int], np.ndarray] = {}
 
     def _normalise(self, weights: dict[str, float]) -> dict[str, float]:
@@ -152,10 +155,48 @@ class PackedLoader:
 
     # ------------------------------------------------------------------ batches
 
+    def set_skips(self, skips: dict[str, list]) -> None:
+        """Positions never to be read, {source: [[lo, hi), ...]} in global visit positions. A draw that
+        lands in an interval jumps to its end (every rank alike: positions are global), so nothing
+        is read twice and nothing outside the intervals is skipped."""
+        self.skips = {n: sorted((int(lo), int(hi)) for lo, hi in ivs) for n, ivs in skips.items()}
+
+    def _jump_skips(self, name: str) -> None:
+        for lo, hi in self.skips.get(name, ()):
+            if lo <= self.consumed[name] < hi:
+                self.skipped_tokens_by_source[name] += (hi - self.consumed[name]) * self.window
+                self.consumed[name] = hi
+
+    def consumed_after(self, draws: int) -> dict[str, int]:
+        """The global positions `draws` draws from now (each draw: one window per rank), without
+        reading data or changing state."""
+        saved = dict(self.consumed), dict(self.draws), dict(self.skipped_tokens_by_source)
+        try:
+            for _ in range(draws):
+                name = self._pick()
+                self._jump_skips(name)
+                self.consumed[name] += self.world_size
+                self.draws[name] += 1
+            return dict(self.consumed)
+        finally:
+            self.consumed, self.draws, self.skipped_tokens_by_source = saved
+
+    def locate(self, name: str, offset: int) -> dict:
+        """Where a window's first token lies: shard file, offset in it, and the index of the document
+        it falls in (documents end with eos: counted in that shard up to the offset). For reports."""
+        src = self.sources[name]
+        i = int(np.searchsorted(src.starts, offset, side="right")) - 1
+        off = offset - int(src.starts[i])
+        parts = [s for s in self.manifest["sources"][name]["shards"] if s["split"] == self.split and s["tokens"] > 0]
+        eos = self.manifest.get("eos_token_id")
+        doc = int(np.count_nonzero(np.asarray(src.arrays[i][:off]) == eos)) if eos is not None else None
+        return {"shard": parts[i]["file"], "shard_offset": off, "doc_index_in_shard": doc}
+
     def next_batch(self) -> torch.Tensor:
         rows, refs = [], []
         for _ in range(self.micro_batch_size):
             name = self._pick()
+            self._jump_skips(name)
             epoch, start = self.window_ref(name, self.consumed[name] + self.rank)
             rows.append(self.sources[name].read(start, self.window))
             refs.append((name, epoch, start))
@@ -193,6 +234,7 @@ class PackedLoader:
             "sources": sources,
             "segment": {"weights": dict(self.weights), "draws": dict(self.draws)},
             "tokens_by_source": dict(self.tokens_by_source),
+            "skipped_tokens_by_source": dict(self.skipped_tokens_by_source),
         }
 
     def load_state_dict(self, state: dict, *, allow_resharding: bool = False) -> None:
@@ -243,6 +285,8 @@ class PackedLoader:
         self.consumed, self.retired = consumed, retired
         old_tokens = state.get("tokens_by_source", {})
         self.tokens_by_source = {n: int(old_tokens.get(n, 0)) for n in self.sources}
+        old_skipped = state.get("skipped_tokens_by_source", {})
+        self.skipped_tokens_by_source = {n: int(old_skipped.get(n, 0)) for n in self.sources}
         self.batches = int(state["batches"])
 
 
