@@ -122,7 +122,7 @@ def _step_reads(accum: int) -> Counter:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    args = types.SimpleNamespace(gradient_accumulation_steps=accum, max_grad_norm=1.0, nonfinite_policy="stop")
+    args = types.SimpleNamespace(gradient_accumulation_steps=accum, max_grad_norm=1.0, spike_policy="stop")
     loader = _Loader()
 
     def step(n: int):
