@@ -12,7 +12,7 @@ import sys
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
-from transformers.modeling_rope_utils import RopeParameters
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
 # 500k rather than Llama 2's 10k: slower-rotating low frequencies keep long-range
 # positions distinguishable, and it leaves room to extend the context later.
@@ -122,6 +122,13 @@ class GenesisConfig(PreTrainedConfig):
         theta = (self.rope_parameters or {}).get("rope_theta")
         if theta is not None and theta <= 0:
             raise ValueError(f"rope_theta must be positive, got {theta}.")
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        known = ["default", *sorted(ROPE_INIT_FUNCTIONS)]
+        if rope_type not in known:  # transformers only logs this; the model would fail at first forward
+            raise ValueError(
+                f"GenesisConfig.rope_parameters['rope_type'] is {rope_type!r}, which is not a RoPE type "
+                f"transformers knows: one of {', '.join(known)}."
+            )
         if self.hidden_act != "silu":
             raise ValueError(f"Genesis uses SwiGLU: hidden_act must be 'silu', got {self.hidden_act!r}.")
 

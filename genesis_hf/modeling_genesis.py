@@ -21,15 +21,24 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_genesis import GenesisConfig
 from .hub import CARD_NAME, push_folder, write_model_card
@@ -174,6 +183,7 @@ class GenesisAttention(nn.Module):
         self.o_proj = nn.Linear(q_out, config.hidden_size, bias=config.attention_bias)
         self.o_proj.writes_residual = True  # scaled init, see GenesisPreTrainedModel
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -221,6 +231,7 @@ class GenesisDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = GenesisRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = GenesisRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -229,6 +240,8 @@ class GenesisDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        # The attention weights are not returned: `output_attentions=True` records them with a hook
+        # on GenesisAttention (`_can_record_outputs`), as for every transformers model.
         attn_out, _ = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
@@ -260,6 +273,9 @@ class GenesisPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _can_compile_fullgraph = True
     _supports_attention_backend = True
+    # What `output_hidden_states` / `output_attentions` collect (transformers' `capture_outputs` hooks):
+    # each decoder layer's output and each attention's weights (None from kernels that never form them).
+    _can_record_outputs = {"hidden_states": GenesisDecoderLayer, "attentions": GenesisAttention}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -311,6 +327,19 @@ class GenesisModel(GenesisPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def _position_limit(self) -> int | None:
+        """The longest context the config claims, or None where RoPE scaling is configured.
+
+        With scaling (linear, dynamic, YaRN, ...) longer inputs are the point, and transformers treats
+        `max_position_embeddings` as informational, so nothing is refused. Without it, positions past
+        the trained context give silently wrong outputs: refused, naming the limit. A RoPE config may
+        state a longer trained context (`original_max_position_embeddings`); that one counts.
+        """
+        rope = self.config.rope_parameters or {}
+        if rope.get("rope_type", "default") != "default":
+            return None
+        return max(self.config.max_position_embeddings, rope.get("original_max_position_embeddings") or 0)
+
     def _check_inputs(self, input_ids, position_ids, seq_len: int, past_len: int) -> None:
         """Refuse bad inputs before any kernel runs: an out-of-range id on CUDA is a device-side assert.
 
@@ -321,13 +350,14 @@ class GenesisModel(GenesisPreTrainedModel):
         `torch.compile` graphs. Training inputs are checked where they are made instead (the
         pretraining loader's batches, the tokenizer's ids in TRL).
         """
-        limit = self.config.max_position_embeddings
         if self.training or torch.compiler.is_compiling():
             return
+        limit = self._position_limit()
+        check_positions = limit is not None and position_ids is not None and position_ids.numel() > 0
         stats = []  # gathered into one tensor: a single host sync per forward
         if input_ids is not None and input_ids.numel():
             stats += [input_ids.min(), input_ids.max()]
-        if position_ids is not None and position_ids.numel():
+        if check_positions:
             stats.append(position_ids.max())
         values = torch.stack(stats).tolist() if stats else []
         if input_ids is not None and input_ids.numel():
@@ -335,17 +365,23 @@ class GenesisModel(GenesisPreTrainedModel):
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"Token id {bad} is outside the vocabulary [0, {self.config.vocab_size}).")
-        if position_ids is not None and position_ids.numel():
+        if limit is None:
+            return
+        hint = " Configure RoPE scaling (rope_parameters rope_type 'linear', 'dynamic' or 'yarn') for longer inputs."
+        if check_positions:
             if values[-1] >= limit:
                 raise ValueError(
                     f"Position {values[-1]} is beyond max_position_embeddings={limit} (positions are 0-based)."
+                    + hint
                 )
         elif past_len + seq_len > limit:
             raise ValueError(
                 f"Sequence of {past_len + seq_len} tokens ({past_len} cached + {seq_len} new) exceeds "
-                f"max_position_embeddings={limit}."
+                f"max_position_embeddings={limit}." + hint
             )
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -354,13 +390,12 @@ class GenesisModel(GenesisPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        # `output_hidden_states` / `output_attentions` (keyword or config) and `return_dict` are handled by
+        # `capture_outputs`: hooks record each layer's output and attention weights into the returned output.
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if cache is None:  # transformers < 5.24 and some callers still say past_key_values
-            cache = kwargs.pop("past_key_values", None)
         if use_cache is None:  # a training forward keeps no cache unless asked (it would only cost)
             use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training:
@@ -389,10 +424,7 @@ class GenesisModel(GenesisPreTrainedModel):
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        all_hidden = [] if output_hidden_states else None
         for layer in self.layers:
-            if all_hidden is not None:
-                all_hidden.append(hidden_states)
             hidden_states = layer(
                 hidden_states,
                 position_embeddings=position_embeddings,
@@ -402,13 +434,7 @@ class GenesisModel(GenesisPreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        if all_hidden is not None:
-            all_hidden.append(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            cache=cache if use_cache else None,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -507,6 +533,10 @@ def causal_lm_loss(
         raise ValueError(
             f"targets of shape {tuple(targets.shape)} do not match hidden states {tuple(hidden.shape)}."
         )
+    if isinstance(lm_head_weight, DTensor):
+        # Tensor-parallel head (`_tp_plan`: colwise_gather_output shards the vocabulary): gather the
+        # (V, d) weight; its gradient flows back to each rank's shard. The hidden states are replicated.
+        lm_head_weight = lm_head_weight.full_tensor()
     target_shape = targets.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
     targets = targets.reshape(-1).to(hidden.device)  # (N,)
@@ -547,6 +577,8 @@ class GenesisForCausalLM(GenesisPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -592,7 +624,27 @@ class GenesisForCausalLM(GenesisPreTrainedModel, GenerationMixin):
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
 
-__all__ = ["GenesisForCausalLM", "GenesisModel", "GenesisPreTrainedModel", "causal_lm_loss"]
+# Task heads, transformers' generic ones (as Llama's): a linear layer on the last hidden states.
+# `GenesisForSequenceClassification` scores each row's last non-pad token: TRL's RewardTrainer uses it.
+class GenesisForSequenceClassification(GenericForSequenceClassification, GenesisPreTrainedModel): ...
+
+
+class GenesisForTokenClassification(GenericForTokenClassification, GenesisPreTrainedModel): ...
+
+
+class GenesisForQuestionAnswering(GenericForQuestionAnswering, GenesisPreTrainedModel): ...
+
+
+__all__ = [
+    "GenesisForCausalLM",
+    "GenesisForQuestionAnswering",
+    "GenesisForSequenceClassification",
+    "GenesisForTokenClassification",
+    "GenesisModel",
+    "GenesisPreTrainedModel",
+    "causal_lm_loss",
+]
