@@ -63,3 +63,19 @@ def test_a_failed_task_reruns_alone(embedded, tmp_path, monkeypatch):  # noqa: F
     assert {rank[c] for c in first} == {0, 1} and rerun and {rank[c] for c in rerun} == {1}  # rank 1 alone
     straight = prepare(mix, embedded[0], tmp_path / "s", num_proc=1, show_progress=False, piece_bytes=1500)
     assert m["sources"] == straight["sources"]
+
+
+def test_tasks_skip_pieces_past_the_budget(embedded, tmp_path, monkeypatch):  # noqa: F811
+    write_jsonl(tmp_path / "b.jsonl", synthetic_docs("b", 400))
+    mix = write_mixture(tmp_path / "m.yaml", [{"name": "b", "data_files": "b.jsonl", "weight": 1, "max_tokens": 900}],
+                        validation_fraction=0.0, validation_max_tokens=0)  # fmt: skip
+    real, calls = engine.tokenize_piece, []
+    monkeypatch.setattr(engine, "tokenize_piece", lambda job, i: calls.append(i) or real(job, i))
+    m = engine.prepare_on_engine(mix, embedded[0], tmp_path / "d", tasks=2, workers=1, piece_bytes=1000)
+    from training.data.prepare import setup_run
+
+    n_pieces = len(setup_run(mix, embedded[0], tmp_path / "p", merge=False, piece_bytes=1000).jobs[0]["pieces"])
+    # workers=1 runs rank 0 (every even piece) first; rank 1 then finds the budget in the prefix
+    assert n_pieces > 20 and len(calls) <= (n_pieces + 1) // 2 + 2
+    straight = prepare(mix, embedded[0], tmp_path / "s", num_proc=1, show_progress=False, piece_bytes=1000)
+    assert m["sources"] == straight["sources"]

@@ -15,17 +15,24 @@ Two datatrove pipelines, the second depending on the first:
 datatrove records each finished rank in ``DATA/.datatrove/<step>/completions``; running the same
 command again runs only the ranks that did not finish (a killed task reruns alone), and inside a
 rank a piece with its ledger is not tokenized again. The output folder must be on a file system
-every node sees. Unlike ``--num-proc``, tasks cannot stop a source at its token budget early:
-every piece is tokenized, the merge takes what the budget needs.
+every node sees.
+
+Token budgets: tasks do not talk to each other, so a task skips a piece of a budgeted source when
+the pieces before it are all tokenized (their ledgers are on the shared folder) and already hold
+``1.05 x budget + validation_max_tokens`` tokens; the waste is about one piece per task. Should
+duplicates leave the merge short of the budget, the merge tokenizes the next pieces itself.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from training.data import shards
-from training.data.pieces import PIECE_BYTES, tokenize_piece
+from training.data.pieces import PIECE_BYTES, piece_path, tokenize_piece
+
+logger = logging.getLogger(__name__)
 
 
 class _Step:
@@ -44,12 +51,31 @@ class _Step:
         return setup_run(kw.pop("mixture"), kw.pop("tokenizer_dir"), kw.pop("output_dir"), merge=merge, **kw)
 
 
+def _budget_reached(run, s: int, i: int, prefix: dict) -> bool:
+    """Do pieces 0..i-1 of source `s` all exist and hold enough tokens for its budget?"""
+    job = run.jobs[s]
+    if job["budget"] is None:
+        return False
+    if prefix.get(s) == "reached":  # the pieces after a skipped one are skipped too
+        return True
+    k, tokens = prefix.get(s, (0, 0))
+    while k < i:
+        ledger = piece_path(Path(job["pieces_dir"]), job["spec"]["name"], k).with_suffix(".json")
+        if not ledger.is_file():
+            break
+        tokens += json.loads(ledger.read_text())["tokens"]
+        k += 1
+    reached = k == i and tokens >= 1.05 * job["budget"] + run.mix.validation_max_tokens
+    prefix[s] = "reached" if reached else (k, tokens)
+    return reached
+
+
 class TokenizeStep(_Step):
     def __call__(self, data=None, rank: int = 0, world_size: int = 1):
         run = self._run(merge=False)
-        done = []
+        done, prefix = [], {}
         for k, (s, i) in enumerate(run.order()):
-            if k % world_size == rank:
+            if k % world_size == rank and not _budget_reached(run, s, i, prefix):
                 done.append(tokenize_piece(run.jobs[s], i))
         tasks = run.out / ".tasks"
         tasks.mkdir(parents=True, exist_ok=True)
@@ -63,11 +89,12 @@ class MergeStep(_Step):
         from training.data.prepare import write_manifest
 
         run = self._run(merge=True)
-        for spec, m in zip(run.mix.sources, run.mergers):
+        for s, m in enumerate(run.mergers):
             m.merge_ready()
-            if not m.complete:
-                raise RuntimeError(f"source {spec.name!r}: piece {m.next_piece} of {m.n_pieces} is not tokenized; "
-                                   "run the same command again to finish the tokenize tasks")  # fmt: skip
+            while not m.complete:  # a piece the tasks skipped (budget estimate short) or lost
+                logger.warning("merge: tokenizing piece %d of source %r itself", m.next_piece, m.name)
+                tokenize_piece(run.jobs[s], m.next_piece)
+                m.merge_ready()
         write_manifest(run)
         yield from data or ()
 
