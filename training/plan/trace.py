@@ -195,6 +195,8 @@ def trace_model(config, setting: Setting, num_layers: int, *, private_mode: bool
             stack.enter_context(_private_dtensor_fake_mode())
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         model.to_empty(device="cpu")
+        if not setting.fsdp:  # to_empty replaces each module's tensor: tie the head to the embedding again
+            model.tie_weights()
         model.train()
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]

@@ -1,0 +1,70 @@
+"""The planner's answers for the 1B recipe on 1x/2x of several cards, plain and with --fit (one process,
+so each traced setting is shared by every card). Prints markdown for docs/benchmarks.md ("Plan").
+
+    python benchmarks/plan_table.py [--gpus "RTX 4090,RTX 3090,RTX 4060 Ti 16 GB,H100 SXM"] [--no-fit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from training.plan.cli import plan, read_hardware, read_recipe, setting_for  # noqa: E402
+from training.plan.fit import _flags, fit  # noqa: E402
+from training.plan.predict import gib  # noqa: E402
+from training.plan.profiles import lookup  # noqa: E402
+
+RECIPE = "training/recipes/genesis-1b.yaml"
+HARDWARE = {1: "accelerate_configs/single_gpu.yaml", 2: "accelerate_configs/fsdp_2gpu_pcie.yaml"}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpus", default="RTX 4090,RTX 3090,RTX 4060 Ti 16 GB,H100 SXM")
+    ap.add_argument("--no-fit", action="store_true")
+    ns = ap.parse_args()
+    t0 = time.monotonic()
+    rows, fits = [], []
+    for n in (1, 2):
+        hw = read_hardware(HARDWARE[n])
+        # the recipe's tokens per step on any count: 4 x 32 x 2 sequences per step
+        args, config = read_recipe(RECIPE, ["--gradient_accumulation_steps", str(64 // n)])
+        base = setting_for(args, hw)
+        for name in ns.gpus.split(","):
+            prof = lookup(name)
+            p = plan(config, base, prof)
+            lo, hi = p.time["tokens_per_s_range"]
+            rows.append(f"| {n}x {prof.name} | {gib(p.memory['peak_allocated'])} | {gib(p.memory['predicted_device_total'])} | "
+                        f"{'yes' if p.fits else 'NO'} | {p.time['tokens_per_s']:,.0f} ({lo:,.0f}-{hi:,.0f}) | {p.time['mfu']:.0%} | "
+                        f"{p.time['exposed_comm_s']:.2f} s of {p.time['step_s']:.1f} s |")
+            if not ns.no_fit:
+                r = fit(config, base, prof)
+                if r["best"] is None:
+                    s = r["smallest"]
+                    fits.append(f"| {n}x {prof.name} | none fits | smallest card total {gib(s.memory['predicted_device_total'])} | | |")
+                else:
+                    tps, s, bp = r["best"]
+                    fits.append(f"| {n}x {prof.name} | `{_flags(s, base)}`, AC {s.activation_checkpointing}, reshard "
+                                f"{s.reshard_after_forward} | {gib(bp.memory['predicted_device_total'])} | "
+                                f"{tps:,.0f} ({bp.time['tokens_per_s_range'][0]:,.0f}-{bp.time['tokens_per_s_range'][1]:,.0f}) | "
+                                f"{bp.time['mfu']:.0%} |")
+            print(f"[{time.monotonic() - t0:.0f}s] {n}x {name} done", file=sys.stderr, flush=True)
+    print("| GPUs | peak allocated | card total | fits | tokens/s (range) | MFU | exposed comm |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+    if fits:
+        print("\n| GPUs | --fit: best setting | card total | tokens/s (range) | MFU |")
+        print("| --- | --- | --- | --- | --- |")
+        print("\n".join(fits))
+    print(f"\n({time.monotonic() - t0:.0f} s on this machine)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The preflight's decision (training/plan/preflight.py), driven directly: no GPU needed."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from training.plan.preflight import decide, preflight, profile_name
+
+GIB = 2**30
+
+
+def _plan_json(total_gib: float, vram_gib: float = 24.0) -> dict:
+    return {"gpu": "RTX 4090", "world_size": 2, "fits": total_gib <= vram_gib,
+            "memory": {"peak_allocated": int((total_gib - 2) * GIB), "predicted_device_total": int(total_gib * GIB),
+                       "vram": int(vram_gib * GIB)},
+            "time": {"tokens_per_s": 15000.0, "tokens_per_s_range": [12000.0, 18000.0], "mfu": 0.33}}
+
+
+def test_a_fitting_plan_goes_ahead_with_its_line():
+    go, line = decide(_plan_json(13.2), ignore=False)
+    assert go and "13.20 of 24.00 GiB" in line and "15,000 tokens/s" in line
+
+
+def test_a_plan_that_does_not_fit_is_refused_with_the_numbers_and_the_fit_command():
+    go, line = decide(_plan_json(26.5), ignore=False)
+    assert not go
+    assert "26.50 of 24.00 GiB" in line and "2.50 GiB over" in line
+    assert "genesis plan --fit" in line and "--ignore_plan" in line
+
+
+def test_ignore_plan_goes_ahead_and_says_so():
+    go, line = decide(_plan_json(26.5), ignore=True)
+    assert go and "NOT to fit" in line and "going ahead" in line
+
+
+def test_no_preflight_off_cuda():
+    acc = types.SimpleNamespace(device=types.SimpleNamespace(type="cpu"))
+    assert preflight(types.SimpleNamespace(), acc) is None
+
+
+@pytest.mark.parametrize("device,memory,want", [
+    ("NVIDIA GeForce RTX 4090", 24 * GIB, "RTX 4090"),
+    ("NVIDIA H100 80GB HBM3", 80 * GIB, "H100 SXM"),
+    ("NVIDIA H100 PCIe", 80 * GIB, "H100 PCIe"),
+    ("NVIDIA A100-SXM4-40GB", 40 * GIB, "A100 40GB"),
+    ("NVIDIA A100-SXM4-80GB", 80 * GIB, "A100 80GB"),
+    ("Tesla T4", 16 * GIB, None),
+])
+def test_device_names_map_to_profiles(device, memory, want):
+    assert profile_name(device, memory) == want
