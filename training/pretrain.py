@@ -175,6 +175,8 @@ def train(args: PretrainArguments) -> int:
     stop = StopRequest(args.stop_signal or None)  # SIGTERM/SIGINT/early warning: finish the step, save, exit 75
     apply_determinism(args)  # before any cuBLAS call: CUBLAS_WORKSPACE_CONFIG is read at the first handle
     require_granted_fsdp(accelerator)  # never train unsharded when the config asked for FSDP
+    from training.plan.preflight import preflight  # genesis plan (CUDA only): log the prediction, and
+    preflight(args, accelerator)  # refuse a setting predicted not to fit unless --ignore_plan/GENESIS_IGNORE_PLAN=1)
     hub = HubSync.from_args(args, is_main=main_proc)  # push_to_hub flags refused here, before any work
     latency = startup_check(accelerator, args.startup_check_timeout_s)
     logger.info("start-up all-reduce over %d process(es): %.3fs (%s)", world, latency, accelerator.distributed_type)
