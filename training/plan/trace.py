@@ -116,10 +116,29 @@ class _Counter(TorchDispatchMode):
             seg.reduce_scatter_bytes += _nbytes(args[1]) if len(args) > 1 else 0
         elif not func.is_view and func.namespace == "aten":
             packet = func._overloadpacket
-            flops = self.registry[packet](*args, **kwargs, out_val=out) if packet in self.registry else 0
+            if packet in self.registry:
+                flops = self.registry[packet](*args, **kwargs, out_val=out)
+            elif "scaled_dot_product" in name and "for_cpu" in name:
+                flops = _cpu_sdpa_flops(name, args, kwargs)
+            else:
+                flops = 0
             seg.flops.append(float(flops))
             seg.bytes.append(float(_tree_bytes(args) + _tree_bytes(kwargs) + _tree_bytes(out)))
         return out
+
+
+def _cpu_sdpa_flops(name: str, args, kwargs) -> float:
+    """The CPU trace runs SDPA as `_scaled_dot_product_flash_attention_for_cpu` (and its backward),
+    which flop_counter does not know; a GPU runs a flash kernel of the same work. Forward: two
+    matmuls, 4 b h s_q s_k d; backward: twice that (flop_counter's rule for flash). Causal: the
+    kernel skips the masked half of the blocks."""
+    backward = "backward" in name
+    q, k = (args[1], args[2]) if backward else (args[0], args[1])
+    b, h, s_q, d = q.shape
+    s_k = k.shape[-2]
+    flops = 4.0 * b * h * s_q * s_k * d * (2 if backward else 1)
+    causal = args[7] if backward and len(args) > 7 else (args[4] if not backward and len(args) > 4 else kwargs.get("is_causal", False))
+    return flops / 2 if causal else flops
 
 
 def _nbytes(t) -> int:
