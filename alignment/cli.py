@@ -5,7 +5,7 @@
     genesis align eval    --model [STAGE=]DIR ... [--prompts FILE]     hedging rate + curiosity table (+ wandb)
     genesis align cycle   --config RECIPE --parent CKPT [--name N]     export -> SFT -> pairs -> DPO -> eval -> lineage
     genesis align compare LINEAGE.json ...                             cycles side by side
-    genesis align sft|dpo --config RECIPE [TRL args]                   the training scripts (single process)
+    genesis align sft|dpo|reward --config RECIPE [TRL args]            the training scripts (single process)
 """
 
 from __future__ import annotations
@@ -22,8 +22,16 @@ from alignment.evaluate import DEFAULT_EVAL_PAIRS, DEFAULT_EVAL_PROMPTS
 DATA = Path(__file__).resolve().parent / "data"
 
 
+def _scorer_name(value: str) -> str:
+    if value in ("rule", "judge") or (value.startswith("reward:") and value[len("reward:"):]):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: choose rule, judge or reward:PATH (a reward model folder)")
+
+
 def _add_scorer(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scorer", choices=["rule", "judge"], default="rule", help="constitution scorer (default: rule)")
+    p.add_argument("--scorer", type=_scorer_name, default="rule", metavar="{rule,judge,reward:PATH}",
+                   help="constitution scorer (default: rule); reward:PATH scores with a reward model "
+                        "trained by `genesis align reward`")
     p.add_argument("--judge-model", help="model folder or Hub id for --scorer judge")
     p.add_argument("--constitution", default=str(DEFAULT_CONSTITUTION), help="constitution YAML")
 
@@ -76,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="cycles side by side from their lineage.json files")
     p.add_argument("lineage", nargs="+")
 
-    for stage in ("sft", "dpo"):
+    for stage in ("sft", "dpo", "reward"):
         sub.add_parser(stage, help=f"run alignment/{stage}.py (TrlParser: --config RECIPE plus TRL arguments)",
                        add_help=False)
     return parser
@@ -92,7 +100,7 @@ def _scorer(args):
 def cli_main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = list(argv)
-    if argv and argv[0] in ("sft", "dpo"):  # TrlParser owns these arguments
+    if argv and argv[0] in ("sft", "dpo", "reward"):  # TrlParser owns these arguments
         module = __import__(f"alignment.{argv[0]}", fromlist=["main", "parse"])
         module.main(*module.parse(argv[1:]))
         return 0

@@ -1,6 +1,6 @@
 """The constitution scorer: how much an answer shows curiosity, and how much it hedges.
 
-Two implementations behind one small interface, `scorer.score(prompt, answer) -> Score`:
+Three implementations behind one small interface, `scorer.score(prompt, answer) -> Score`:
 
 - `RuleScorer` (the default): transparent, deterministic signals that implement the
   constitution's "rewards" / "penalises" lists. Curiosity is built from specifics (numbers,
@@ -11,6 +11,9 @@ Two implementations behind one small interface, `scorer.score(prompt, answer) ->
 - `JudgeScorer`: any HF causal LM as judge. For each principle it asks a yes/no question built
   from the constitution's text and reads P(yes) from the next-token logits, so it never has to
   parse free text and it gives a number even from a tiny model.
+- `RewardScorer`: a reward model trained on our preference pairs (`alignment/reward.py`); its
+  reward r for the whole conversation stands for the constitution: curiosity = sigmoid(r),
+  hedging = 1 - sigmoid(r), so `total` = tanh(r / 2) ranks answers as r does.
 
 `Score.total = curiosity - hedging` in [-1, 1] ranks answers for DPO pairs; `Score.hedged`
 feeds the hedging rate in `alignment.evaluate`.
@@ -238,10 +241,51 @@ class JudgeScorer:
                      details={f"p_yes/{k}": v for k, v in per.items()})
 
 
+# --- reward model --------------------------------------------------------------------------------
+
+
+class RewardScorer:
+    """A one-label sequence-classification model (alignment/reward.py) as scorer.
+
+    The conversation (user prompt, assistant answer) goes through the tokenizer's chat template, as
+    RewardTrainer formatted the pairs it trained on; the reward is the head's logit at the last token.
+    """
+
+    name = "reward"
+
+    def __init__(self, model, tokenizer, hedge_threshold: float = 0.5):
+        self.model, self.tokenizer, self.hedge_threshold = model.eval(), tokenizer, hedge_threshold
+
+    def reward(self, prompt: str, answer: str) -> float:
+        import torch
+
+        conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        ids = self.tokenizer.apply_chat_template(conversation, return_dict=True)["input_ids"]
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and len(ids) > limit:  # keep the start: the prompt and the answer's opening
+            ids = ids[:limit]
+        with torch.no_grad():
+            return self.model(input_ids=torch.tensor([ids], device=self.model.device)).logits[0, 0].item()
+
+    def score(self, prompt: str, answer: str) -> Score:
+        import math
+
+        r = self.reward(prompt, answer)
+        curiosity = 1.0 / (1.0 + math.exp(-r))
+        return Score(curiosity=curiosity, hedging=1.0 - curiosity, hedged=1.0 - curiosity >= self.hedge_threshold,
+                     details={"reward": r})
+
+
 def get_scorer(name: str = "rule", judge_model: str | None = None, constitution=None, device: str | None = None):
-    """Build a scorer by name: "rule" (default) or "judge" (needs `judge_model`, a model folder or Hub id)."""
+    """Build a scorer by name: "rule" (default), "judge" (needs `judge_model`, a model folder or Hub id)
+    or "reward:PATH" (a reward model folder written by alignment/reward.py)."""
     if name == "rule":
         return RuleScorer()
+    if name.startswith("reward:"):
+        from alignment.reward import load_reward_model
+
+        model, tokenizer = load_reward_model(name[len("reward:"):])
+        return RewardScorer(model.to(device) if device else model, tokenizer)
     if name == "judge":
         if not judge_model:
             raise ValueError("scorer 'judge' needs a judge model (--judge-model DIR_OR_HUB_ID)")
@@ -250,4 +294,4 @@ def get_scorer(name: str = "rule", judge_model: str | None = None, constitution=
 
         model, tokenizer = load_model_and_tokenizer(judge_model, device=device)
         return JudgeScorer(model, tokenizer, constitution or load_constitution())
-    raise ValueError(f"unknown scorer {name!r}: choose 'rule' or 'judge'")
+    raise ValueError(f"unknown scorer {name!r}: choose 'rule', 'judge' or 'reward:PATH'")
