@@ -12,8 +12,6 @@ from outside (FSDP auto-wrap finds `GenesisDecoderLayer` through
 `_no_split_modules`).
 """
 
-from __future__ import annotations
-
 import os
 import tempfile
 from collections.abc import Callable
@@ -36,7 +34,8 @@ from transformers.modeling_layers import (
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
-from transformers.utils import can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
@@ -190,7 +189,7 @@ class GenesisAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]  # (B, T)
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -238,7 +237,7 @@ class GenesisDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         # The attention weights are not returned: `output_attentions=True` records them with a hook
         # on GenesisAttention (`_can_record_outputs`), as for every transformers model.
@@ -390,7 +389,7 @@ class GenesisModel(GenesisPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         # `output_hidden_states` / `output_attentions` (keyword or config) and `return_dict` are handled by
         # `capture_outputs`: hooks record each layer's output and attention weights into the returned output.
@@ -593,7 +592,7 @@ class GenesisForCausalLM(GenesisPreTrainedModel, GenerationMixin):
         return_logits: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         loss_reduction: str = "mean",
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
