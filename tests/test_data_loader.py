@@ -17,12 +17,9 @@ SEQ = 31  # windows of 32 tokens: many epochs and shard crossings from small dat
 
 @pytest.fixture(scope="module")
 def data_dir(embedded, tmp_path_factory):  # noqa: F811
-    import training.data.prepare as prepare_module
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prepare_module, "_BATCH", 32)  # several shards per source
-        return make_data(tmp_path_factory.mktemp("loader"), embedded[0], {"a": 300, "b": 150, "c": 60},
-                         shard_tokens=500, validation_fraction=0.1)  # fmt: skip
+    # shard_tokens=500: several shards per source (cuts no longer depend on a batch size)
+    return make_data(tmp_path_factory.mktemp("loader"), embedded[0], {"a": 300, "b": 150, "c": 60},
+                     shard_tokens=500, validation_fraction=0.1)  # fmt: skip
 
 
 def _loader(data_dir, **kw):
