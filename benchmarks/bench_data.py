@@ -210,18 +210,19 @@ def bench_prepare(work: Path, mb: int, repeats: int, procs: list[int]) -> list[s
     tok.encode_special_tokens = True
     texts = [json.loads(line)["text"] for line in open(corpus, encoding="utf-8")]
 
-    def raw():
+    def raw(fn):
         n = 0
         for i in range(0, len(texts), 1024):
-            n += sum(len(e.ids) for e in tok.encode_batch(texts[i : i + 1024], add_special_tokens=False))
+            n += sum(len(e.ids) for e in fn(texts[i : i + 1024], add_special_tokens=False))
         return n
 
-    times: dict[str, list[float]] = {"raw": [], **{f"p{p}": [] for p in procs}}
+    times: dict[str, list[float]] = {"raw": [], "raw_fast": [], **{f"p{p}": [] for p in procs}}
     tokens, first = 0, None
     for r in range(repeats):
-        t0 = time.perf_counter()
-        tokens = raw()
-        times["raw"].append(time.perf_counter() - t0)
+        for key, fn in (("raw", tok.encode_batch), ("raw_fast", tok.encode_batch_fast)):
+            t0 = time.perf_counter()
+            tokens = raw(fn)
+            times[key].append(time.perf_counter() - t0)
         for p in procs:
             out = work / f"out-{p}-{r}"
             t0 = time.perf_counter()
@@ -235,14 +236,19 @@ def bench_prepare(work: Path, mb: int, repeats: int, procs: list[int]) -> list[s
              f"{tokens:,} tokens (16,384-entry byte-level BPE trained on its first 16 MB). "
              f"{repeats} rounds, interleaved (raw, then each --num-proc); median seconds.", "",
              "| run | seconds | MB/s | x raw encode_batch |", "| --- | --- | --- | --- |",
-             f"| raw `encode_batch` (all cores, batches of 1,024, ids only) | {med['raw']:.1f} | "
-             f"{n_bytes / 1e6 / med['raw']:.2f} | 1.00 |"]  # fmt: skip
+             f"| raw `encode_batch` (all cores, batches of 1,024) | {med['raw']:.1f} | "
+             f"{n_bytes / 1e6 / med['raw']:.2f} | 1.00 |",
+             f"| raw `encode_batch_fast` (the same, no offsets: what prepare calls) | {med['raw_fast']:.1f} | "
+             f"{n_bytes / 1e6 / med['raw_fast']:.2f} | {med['raw'] / med['raw_fast']:.2f}x |"]  # fmt: skip
     for p in procs:
         t = med[f"p{p}"]
         lines.append(f"| `genesis data prepare --num-proc {p}` (read, render, filter, encode, write shards) | "
                      f"{t:.1f} | {n_bytes / 1e6 / t:.2f} | **{med['raw'] / t:.2f}x** |")  # fmt: skip
-    lines += ["", "Shards are byte-identical across the --num-proc values (checked each round).",
-              "Each round's raw times: " + ", ".join(f"{x:.1f}" for x in times["raw"]) + " s; "
+    lines += ["", "Against `encode_batch_fast`: --num-proc " + ", ".join(
+        f"{p}: {med['raw_fast'] / med[f'p{p}']:.2f}x" for p in procs) + ".",
+              "Shards are byte-identical across the --num-proc values (checked each round).",
+              "Each round's raw times: " + ", ".join(f"{x:.1f}" for x in times["raw"]) + " s; fast: "
+              + ", ".join(f"{x:.1f}" for x in times["raw_fast"]) + " s; "
               + "; ".join(f"--num-proc {p}: " + ", ".join(f"{x:.1f}" for x in times[f"p{p}"]) for p in procs) + " s."]  # fmt: skip
     return lines
 
