@@ -117,6 +117,29 @@ def convert_model(src: str | Path, fmt: str):
     return target
 
 
+HEADS = {
+    "AutoModel": "GenesisModel",
+    "AutoModelForSequenceClassification": "GenesisForSequenceClassification",
+    "AutoModelForTokenClassification": "GenesisForTokenClassification",
+    "AutoModelForQuestionAnswering": "GenesisForQuestionAnswering",
+}
+
+
+def write_head_auto_map(folder: str | Path) -> None:
+    """Add the backbone and the task heads to a saved Genesis folder's `auto_map`, beside the causal LM:
+    `AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True)` then starts a
+    reward model from an export where genesis_hf is not installed (the code is already in the folder)."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    auto_map = config.get("auto_map") or {}
+    if not str(auto_map.get("AutoModelForCausalLM", "")).startswith("modeling_genesis."):
+        return
+    for auto, cls in HEADS.items():
+        auto_map.setdefault(auto, f"modeling_genesis.{cls}")
+    config["auto_map"] = auto_map
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _copy_tokenizer(src: Path, dst: Path) -> bool:
     if not any((src / name).is_file() for name in TOKENIZER_FILES):
         return False
@@ -169,6 +192,8 @@ def export(src: str | Path, dst: str | Path, *, fmt: str = "genesis", push_to_hu
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
+        if isinstance(model, GenesisForCausalLM):
+            write_head_auto_map(tmp)
         if (
             isinstance(model, GenesisForCausalLM)
             and (src / "README.md").is_file()

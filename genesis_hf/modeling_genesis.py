@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
-from transformers import PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -629,13 +629,26 @@ class GenesisForCausalLM(GenesisPreTrainedModel, GenerationMixin):
 
 # Task heads, transformers' generic ones (as Llama's): a linear layer on the last hidden states.
 # `GenesisForSequenceClassification` scores each row's last non-pad token: TRL's RewardTrainer uses it.
-class GenesisForSequenceClassification(GenericForSequenceClassification, GenesisPreTrainedModel): ...
+class GenesisHeadModel(GenesisPreTrainedModel):
+    """Base of the generic heads, which build their backbone with `AutoModel.from_config(config)`.
+
+    That lookup is by config class. Loaded from a saved folder (`trust_remote_code=True`, genesis_hf absent)
+    the config's class comes from its own copy of configuration_genesis.py, not this file's import of it:
+    register the config's actual class, or the lookup fails ("Unrecognized configuration class").
+    """
+
+    def __init__(self, config: GenesisConfig):
+        AutoModel.register(type(config), GenesisModel, exist_ok=True)
+        super().__init__(config)
 
 
-class GenesisForTokenClassification(GenericForTokenClassification, GenesisPreTrainedModel): ...
+class GenesisForSequenceClassification(GenericForSequenceClassification, GenesisHeadModel): ...
 
 
-class GenesisForQuestionAnswering(GenericForQuestionAnswering, GenesisPreTrainedModel): ...
+class GenesisForTokenClassification(GenericForTokenClassification, GenesisHeadModel): ...
+
+
+class GenesisForQuestionAnswering(GenericForQuestionAnswering, GenesisHeadModel): ...
 
 
 __all__ = [

@@ -79,6 +79,7 @@ def export_checkpoint(ckpt_dir: str | Path, dst: str | Path, *, push_to_hub: str
     huggingface_hub finds in the environment (HF_TOKEN), never one we pass or store.
     """
     from genesis_hf import GenesisConfig, GenesisForCausalLM
+    from genesis_hf.export import write_head_auto_map
     from genesis_hf.hub import write_model_card
     from training.checkpoint import load_model_weights, read_meta
 
@@ -100,6 +101,7 @@ def export_checkpoint(ckpt_dir: str | Path, dst: str | Path, *, push_to_hub: str
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)  # safetensors, config.json with auto_map, modeling code
+        write_head_auto_map(tmp)  # the task heads load from the export too (a reward model from it)
         tokenizer.save_pretrained(tmp)
         _generation_config(config, tokenizer).save_pretrained(tmp)
         write_model_card(tmp, config, card_details(meta, train_state, ckpt))
