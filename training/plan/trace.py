@@ -200,20 +200,32 @@ def _private_dtensor_fake_mode():
     return mock.patch.object(sharding_prop, "detect_fake_mode", lambda *a, **k: None)
 
 
-def trace_model(config, setting: Setting, num_layers: int, *, private_mode: bool = True) -> Trace:
-    """Two optimizer steps of `config` cut to `num_layers` layers; the second step is reported."""
+def trace_model(config, setting: Setting, num_layers: int, *, private_mode: bool = True, fake: bool = True) -> Trace:
+    """Two optimizer steps of `config` cut to `num_layers` layers; the second step is reported.
+    fake=False runs the same steps for real in an already initialised process group (the
+    calibration test: gloo ranks on CPU, the same tracker, real tensors)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import genesis_hf.modeling_genesis as modeling
 
     cfg = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": num_layers})
     with contextlib.ExitStack() as stack:
-        mesh = stack.enter_context(fake_process_group(setting.world_size)) if setting.fsdp else None
+        if not fake:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (dist.get_world_size(),)) if setting.fsdp else None
+        else:
+            mesh = stack.enter_context(fake_process_group(setting.world_size)) if setting.fsdp else None
         model = build_wrapped_model(cfg, setting, mesh)
-        if private_mode:
+        if fake and private_mode:
             stack.enter_context(_private_dtensor_fake_mode())
-        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        if fake:
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         model.to_empty(device="cpu")
+        if not fake:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_(0.0, 0.02)  # real values: the memory does not depend on them
         if not setting.fsdp:  # to_empty replaces each module's tensor: tie the head to the embedding again
             model.tie_weights()
         model.train()
