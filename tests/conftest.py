@@ -9,10 +9,17 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 VERSIONED = ("torch", "accelerate", "transformers", "trl", "datasets", "huggingface_hub", "tokenizers", "peft", "wandb")
+
+
+# Test doubles live under tests/ and are injected by the tests (the product never imports them).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fake_hub"))
 
 
 def pytest_report_header(config):

@@ -113,8 +113,9 @@ class _Loader:
 def _step_reads(accum: int) -> Counter:
     from accelerate import Accelerator
 
+    from training.fault_injection import TestFaults
     from training.pretrain import train_step
-    from training.reliability import SpikeGuard, TestFaults
+    from training.reliability import SpikeGuard
 
     torch.manual_seed(0)
     accelerator = Accelerator()

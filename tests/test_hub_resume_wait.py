@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 from _dist import run_ranks
+from genesis_fake_hub import FakeHfApi, fake_hub_env
 
-from training.hub_fake import FakeHfApi
 from training.hub_resume import checkpoint_bytes, download_timeout_s
 
 REPO = "genesis-test/tiny"
@@ -87,7 +87,7 @@ def resume_on_every_rank(rank: int, world: int, out: str) -> dict:
 def test_a_slow_download_outlasts_the_process_group_timeout(tmp_path):
     hub = make_hub(tmp_path / "hub")
     res = run_ranks("test_hub_resume_wait:resume_on_every_rank", 2, kwargs={"out": str(tmp_path / "run")},
-                    env={"GENESIS_TEST_FAKE_HUB": str(hub)}, result_dir=tmp_path / "results", timeout=120)
+                    env=fake_hub_env(hub), result_dir=tmp_path / "results", timeout=120)
     assert all(r.returncode == 0 for r in res), "\n".join(r.stderr[-3000:] for r in res)
     r0, r1 = (r.value for r in res)
 

@@ -1,7 +1,7 @@
 """training/hub_sync.py at the huggingface_hub boundary, offline.
 
 In process: what HubSync sends (files, commit messages, revisions) through a patched real `HfApi`
-and through the local-folder fake hub (training/hub_fake.py), and that the uploaded files load
+and through the local-folder fake hub (tests/fake_hub), and that the uploaded files load
 with from_pretrained. The loop-level tests (the real training/pretrain.py, failing and slow
 uploads, resume from a "Hub" checkpoint) are in tests/test_hub_sync_run.py.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from _inspect_fixtures import checkpoint, embedded_data, inspect_run  # noqa: F401  (fixtures)
+from genesis_fake_hub import FakeHfApi, install
 
 from training.args import ConfigError, parse_args
-from training.hub_fake import FakeHfApi
 from training.hub_resume import download_checkpoint, parse_hub_spec
 from training.hub_sync import HubSync, step_revision
 
@@ -226,6 +226,7 @@ def test_download_names_the_revisions_that_exist(inspect_run, run_dir, tmp_path,
     from training.checkpoint import CheckpointError
 
     monkeypatch.setenv("GENESIS_TEST_FAKE_HUB", str(tmp_path / "hub"))
+    install(monkeypatch.setattr)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with pytest.raises(CheckpointError, match=f"the Hub repo {REPO} does not exist"):
         download_checkpoint(f"hub:{REPO}@step-00000002", tmp_path / "new")

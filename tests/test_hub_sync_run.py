@@ -1,5 +1,6 @@
 """Checkpoints to the Hub through the REAL training/pretrain.py (2 gloo ranks unless noted), with
-the local-folder fake hub injected by GENESIS_TEST_FAKE_HUB (the Hub boundary is in the subprocess).
+the local-folder fake hub (tests/fake_hub, injected through its sitecustomize: the Hub boundary is in
+the subprocess).
 
     run 1: uploads (export + training checkpoint) at steps 2 and 4, each commit slowed to 2 s:
            the exit waits for the one in flight
@@ -20,8 +21,7 @@ from pathlib import Path
 import pytest
 from _pretrain_fixtures import embedded_data  # noqa: F401  (fixture)
 from _pretrain_run import ok, read_metrics, run_pretrain
-
-from training.hub_fake import FakeHfApi
+from genesis_fake_hub import FakeHfApi, fake_hub_env
 
 pytestmark = pytest.mark.distributed
 
@@ -32,7 +32,7 @@ PUSH = ("--push_to_hub", "--hub_model_id", REPO)
 
 
 def _env(hub: Path, **fake) -> dict:
-    return {"GENESIS_TEST_FAKE_HUB": json.dumps({"dir": str(hub), **fake}), "HF_TOKEN": TOKEN}
+    return {**fake_hub_env(hub, **fake), "HF_TOKEN": TOKEN}
 
 
 def hub_events(out: Path) -> list[tuple[int, str]]:
@@ -128,8 +128,8 @@ def test_hub_resume_keeps_the_local_refusals(uploaded, embedded_data, tmp_path):
 
 def test_failing_uploads_never_stop_training(embedded_data, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    res = ok(run_pretrain(out, embedded_data, *ARGS, *PUSH, nproc=1,
-                          env=_env(tmp_path / "hub", fail_commits=99, attempts=2, backoff_s=0.05)))
+    res = ok(run_pretrain(out, embedded_data, *ARGS, *PUSH, "--hub_upload_attempts", "2",
+                          "--hub_backoff_seconds", "0.05", nproc=1, env=_env(tmp_path / "hub", fail_commits=99)))
     assert sorted(read_metrics(out)) == [1, 2, 3, 4]
     assert hub_events(out) == [(2, "retrying"), (2, "failed"), (4, "retrying"), (4, "failed")]
     assert "upload to genesis-test/tiny given up after 2 attempts" in res.stderr

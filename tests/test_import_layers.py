@@ -50,3 +50,14 @@ def test_checkpoints_are_exported_by_the_training_side(tmp_path):
     (tmp_path / "step-00000001" / "manifest.json").write_text("{}")
     with pytest.raises(ExportError, match=r"is a training checkpoint.*`genesis export .*` \(training.export.export\)"):
         export(tmp_path / "step-00000001", tmp_path / "out")
+
+
+PRODUCT = sorted(p for d in ("training", "alignment", "genesis_hf") for p in (ROOT / d).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", PRODUCT, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_product_imports_no_test_double(path):
+    """Test doubles (the fake Hub) live under tests/ and are injected by the tests."""
+    imported = _imports(path)
+    assert not {m for m in imported if m.split(".")[0] in ("tests", "genesis_fake_hub", "conftest")}, imported
+    assert "FakeHfApi" not in path.read_text(encoding="utf-8")

@@ -1,7 +1,7 @@
 """A run lives and dies with its launcher, and owns its folder (RELIABILITY.md rows 14 and 15).
 
 Real `accelerate launch` with 2 gloo ranks on the debug recipe. A test-only hook (`sleep@2`,
-training/reliability.py) holds every rank after step 2 so the test can act while the run is alive.
+training/fault_injection.py) holds every rank after step 2 so the test can act while the run is alive.
 The polite stop on SIGTERM (row 16) is in test_pretrain_resume.py, beside the straight run it is
 compared with.
 """

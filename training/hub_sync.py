@@ -55,13 +55,7 @@ def step_revision(step: int) -> str:
 
 
 def hub_api():
-    """huggingface_hub.HfApi (token from HF_TOKEN), or under GENESIS_TEST_FAKE_HUB the local-folder
-    stand-in with the same methods (training/hub_fake.py; tests only)."""
-    from training.hub_fake import FakeHfApi, fake_hub_config
-
-    fake = fake_hub_config()
-    if fake is not None:
-        return FakeHfApi(fake["dir"], **{k: v for k, v in fake.items() if k != "dir"})
+    """huggingface_hub.HfApi; it reads the token from HF_TOKEN."""
     from huggingface_hub import HfApi
 
     return HfApi()
@@ -149,13 +143,9 @@ class HubSync:
                               "(read from there only, never from a flag or a file)")
         if not is_main:
             return None
-        from training.hub_fake import fake_hub_config
-
-        tuning = fake_hub_config() or {}  # tests shorten the retries
         return cls(repo, args.output_dir, strategy=args.hub_strategy, private=args.hub_private_repo,
-                   revision=args.hub_revision,
-                   attempts=int(tuning.get("attempts", getattr(args, "hub_upload_attempts", 6))),
-                   backoff_s=float(tuning.get("backoff_s", getattr(args, "hub_backoff_seconds", 30.0))))
+                   revision=args.hub_revision, attempts=int(getattr(args, "hub_upload_attempts", 6)),
+                   backoff_s=float(getattr(args, "hub_backoff_seconds", 30.0)))
 
     # ------------------------------------------------------------------ called by the loop
 

@@ -57,6 +57,7 @@ from training.checkpoint import CheckpointError  # noqa: E402
 from training.checkpoint.async_save import Checkpointer, plan_mode  # noqa: E402
 from training.checkpoint.layout import step_dirname  # noqa: E402
 from training.evaluation import token_byte_lengths, validation_metrics  # noqa: E402
+from training.fault_injection import TestFaults  # noqa: E402  (a test hook; off unless its env is set)
 from training.fsdp import (  # noqa: E402
     compile_decoder_layers,
     fsdp_summary,
@@ -67,7 +68,7 @@ from training.hub_sync import HubSync  # noqa: E402
 from training.lifecycle import EXIT_STOPPED, StopRequest, take_run_lock  # noqa: E402
 from training.metrics import MetricsLogger, scrub  # noqa: E402
 from training.recovery import Recovery, read_skip_file, roll_back  # noqa: E402
-from training.reliability import SpikeGuard, TestFaults, startup_check  # noqa: E402
+from training.reliability import SpikeGuard, startup_check  # noqa: E402
 from training.run_setup import (  # noqa: E402
     StepResult,
     all_reduce_sum,

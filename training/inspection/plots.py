@@ -8,7 +8,8 @@ gradient norm and tokens/s, with resumes, extensions and checkpoints marked.
 SOURCES are output folders, metrics.jsonl files or wandb run files (see training/inspection/runs.py).
 Markers: dashed vertical line = a resume (a launch continued from that step's checkpoint),
 broad faint band = an extension (max_steps grew; the new value is written at the top of the first
-panel), small triangles on the step axis = committed checkpoints. In the loss panel, a dashed
+panel), small triangles on the step axis = committed checkpoints, red triangles at the top = loss or
+grad-norm spikes, a red band = a rollback (from the checkpoint restored to the step that triggered it). In the loss panel, a dashed
 horizontal line per source is the bigram baseline on the held-out windows (training/evaluation.py).
 """
 
@@ -57,6 +58,11 @@ def _mark(ax, run: Run, color, annotate: bool) -> None:
         if annotate:
             ax.annotate(f"max_steps -> {new}", (s, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -10),
                         textcoords="offset points", fontsize=7, color=color)
+    for trigger, restored in run.rollbacks:  # the abandoned stretch, from the checkpoint to the trigger
+        ax.axvspan(restored, trigger, color="tab:red", alpha=0.15, linewidth=0)
+    if run.spikes:
+        ax.plot(run.spikes, [1.0] * len(run.spikes), linestyle="none", marker="v", markersize=6, color="tab:red",
+                transform=ax.get_xaxis_transform(), clip_on=False)
     if run.checkpoints:
         ax.plot(run.checkpoints, [0.0] * len(run.checkpoints), linestyle="none", marker="^", markersize=5,
                 color=color, alpha=0.8, transform=ax.get_xaxis_transform(), clip_on=False)
@@ -139,7 +145,10 @@ def plot_runs(runs: list[Run], output: str | Path, *, panels: list[str] | None =
     keys = [Line2D([], [], color="0.3", linestyle="--", label="resume"),
             Line2D([], [], color="0.3", linestyle="-", linewidth=6, alpha=0.18, label="extension (max_steps grew)"),
             Line2D([], [], color="0.3", linestyle="none", marker="^", label="checkpoint on disk")]
-    fig.legend(handles=keys, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    if any(r.rollbacks or r.spikes for r in runs):
+        keys += [Line2D([], [], color="tab:red", linestyle="none", marker="v", label="spike"),
+                 Line2D([], [], color="tab:red", linewidth=6, alpha=0.15, label="rolled back (checkpoint -> trigger)")]
+    fig.legend(handles=keys, loc="lower center", ncol=len(keys), fontsize=8, frameon=False)
     fig.suptitle(title or "  vs  ".join(r.name for r in runs), fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
     output = Path(output)

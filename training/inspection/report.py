@@ -96,6 +96,8 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, *, evalu
           f"- steps logged: {steps[0]}..{steps[-1]} ({len(steps)} records); tokens seen: {_fmt(tokens)}",
           f"- last training loss: {_fmt(last.get('loss'))} at step {steps[-1]}",
           f"- resumes at steps: {', '.join(map(str, run.resumes)) or 'none'}",
+          f"- spikes at steps: {', '.join(map(str, run.spikes)) or 'none'}; rollbacks: "
+          f"{', '.join(f'step {t} -> {r}' for t, r in run.rollbacks) or 'none'} (genesis spikes RUN)",
           f"- extensions: {', '.join(f'at {s}: max_steps {a} -> {b}' for s, a, b in run.extensions) or 'none'}"]
     md += [f"- stopped: step {e['step']}: {e.get('problem', e['event'])}" for e in run.events]
     md += [f"- note: {n}" for n in run.notes]

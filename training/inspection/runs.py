@@ -39,6 +39,8 @@ class Run:
     resumes: list[int] = field(default_factory=list)  # steps a later launch continued from
     extensions: list[tuple[int, int | None, int]] = field(default_factory=list)  # (step, old max, new max)
     checkpoints: list[int] = field(default_factory=list)
+    rollbacks: list[tuple[int, int]] = field(default_factory=list)  # (step of the trigger, step restored)
+    spikes: list[int] = field(default_factory=list)  # steps whose loss or grad norm spiked
     events: list[dict] = field(default_factory=list)  # records with an "event" (e.g. stopped)
     side_records: list[dict] = field(default_factory=list)  # checkpoint saves, save plans, Hub uploads
     config: dict = field(default_factory=dict)
@@ -94,14 +96,20 @@ def read_metrics(path: str | Path, *, allow_partial: bool = False) -> tuple[list
 
 def _from_records(run: Run, records: list[dict]) -> None:
     """Fill steps/events and the replay resumes (a step that goes back)."""
-    prev = None
+    prev, rolled_back = None, False
     for rec in records:
         if is_side_record(rec):  # not a training step: kept beside the curve
             run.side_records.append(rec)
+            if rec.get("event") == "rollback":
+                run.rollbacks.append((rec["trigger_step"], rec["restored_step"]))
+                rolled_back = True
+            elif rec.get("event") == "spike":
+                run.spikes.append(rec["step"])
             continue
         step = rec["step"]
-        if prev is not None and step <= prev:
+        if prev is not None and step <= prev and not rolled_back:  # a rollback's replay is no resume
             run.resumes.append(step - 1)
+        rolled_back = False
         prev = step
         if "event" in rec:
             run.events.append(rec)

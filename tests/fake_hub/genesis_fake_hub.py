@@ -1,9 +1,12 @@
-"""A local-folder stand-in for the Hub, for tests only: the `HfApi` methods HubSync and the Hub
-resume call, with the same names, arguments and return types, over a folder instead of the network.
+"""Test double: a local-folder stand-in for the Hub. The `HfApi` methods HubSync and the Hub resume
+call, with the same names, arguments and return types, over a folder instead of the network.
+
+Injected from outside the product: `install()` replaces `huggingface_hub.HfApi` with it. A test's
+subprocess gets it through this folder's sitecustomize.py (put tests/fake_hub on PYTHONPATH, as
+`fake_hub_env` does); an in-process test calls `install` with monkeypatch.
 
     GENESIS_TEST_FAKE_HUB=/tmp/hub                     # every run in the test talks to this folder
-    GENESIS_TEST_FAKE_HUB='{"dir": "/tmp/hub", "fail_commits": 99, "commit_delay_s": 5,
-                            "attempts": 3, "backoff_s": 0.05}'
+    GENESIS_TEST_FAKE_HUB='{"dir": "/tmp/hub", "fail_commits": 99, "commit_delay_s": 5}'
 
 Layout of the folder (what a test reads back):
     <dir>/<owner>/<name>/refs.json          {"branches": {"main": oid, ...}, "tags": {...}}
@@ -37,6 +40,33 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import GitRefInfo, GitRefs
 
 ENV = "GENESIS_TEST_FAKE_HUB"
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def fake_hub_env(hub: str | Path, **options) -> dict:
+    """Environment for a subprocess that must talk to the fake Hub in folder `hub`."""
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
+    raw = json.dumps({"dir": str(hub), **options}) if options else str(hub)
+    return {ENV: raw, "PYTHONPATH": path}
+
+
+def install(setattr_=setattr) -> None:
+    """Make `huggingface_hub.HfApi()` return a FakeHfApi over GENESIS_TEST_FAKE_HUB's folder.
+    `setattr_`: monkeypatch.setattr in an in-process test (undone after it)."""
+    import huggingface_hub
+    import huggingface_hub.hf_api
+
+    class HfApi:  # a class, as the real one is (annotations such as `HfApi | None` must still work)
+        def __new__(cls, *args, **kwargs):
+            cfg = fake_hub_config()
+            if cfg is None:
+                raise RuntimeError(f"{ENV} is not set: the fake Hub has no folder")
+            return FakeHfApi(cfg["dir"], **{k: v for k, v in cfg.items() if k != "dir"})
+
+    setattr_(huggingface_hub, "HfApi", HfApi)
+    setattr_(huggingface_hub.hf_api, "HfApi", HfApi)
 
 
 def fake_hub_config() -> dict | None:
