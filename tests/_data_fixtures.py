@@ -54,3 +54,17 @@ def make_data(tmp: Path, tok_dir: Path, sizes: dict[str, int], *, shard_tokens: 
     mix = write_mixture(tmp / "mix.yaml", srcs, shard_tokens=shard_tokens, validation_fraction=validation_fraction)
     prepare(mix, tok_dir, tmp / "data", show_progress=False, num_proc=1)
     return tmp / "data"
+
+
+def dying_tokenize_piece(job: dict, index: int) -> dict:
+    """A worker that dies (os._exit) on piece 1 of a source, once (a marker file beside the data):
+    importable in spawned worker processes, to stand in for `pieces.tokenize_piece`."""
+    import os
+
+    from training.data.pieces import tokenize_piece
+
+    marker = Path(job["pieces_dir"]).parent / "worker-died-once"
+    if index == 1 and not marker.exists():
+        marker.write_text("died\n")
+        os._exit(1)
+    return tokenize_piece(job, index)

@@ -98,3 +98,24 @@ def test_progress_display_and_dry_run(embedded, tmp_path, capsys):  # noqa: F811
     out = capsys.readouterr().out
     assert "predicted total on this machine" in out and "bytes/tok" in out
     assert not (tmp_path / "dry" / "manifest.json").exists()
+
+
+def test_a_dead_worker_leaves_no_half_shard_and_the_rerun_completes(embedded, tmp_path, monkeypatch):  # noqa: F811
+    import _data_fixtures
+
+    import training.data.prepare as prepare_module
+
+    mix = _mixture(tmp_path)
+    kw = {"show_progress": False, "piece_bytes": 2000}
+    monkeypatch.setattr(prepare_module, "tokenize_piece", _data_fixtures.dying_tokenize_piece)
+    with pytest.raises(RuntimeError, match="a worker process died.*run the same command again"):
+        prepare(mix, embedded[0], tmp_path / "d", num_proc=2, **kw)
+    assert not (tmp_path / "d" / "manifest.json").exists()
+    for progress in (tmp_path / "d").glob("*/progress.json"):  # what a ledger lists is whole
+        state = json.loads(progress.read_text())
+        for s in state["shards"]:
+            assert (tmp_path / "d" / s["file"]).stat().st_size == 2 * s["tokens"]
+    monkeypatch.undo()
+    resumed = prepare(mix, embedded[0], tmp_path / "d", num_proc=2, **kw)
+    straight = prepare(mix, embedded[0], tmp_path / "s", num_proc=1, **kw)
+    assert resumed["sources"] == straight["sources"]
