@@ -106,7 +106,7 @@ def prepare_on_engine(mixture, tokenizer_dir, output_dir, *, tasks: int, executo
     from training.data.prepare import setup_run
 
     out = Path(output_dir)
-    setup_run(mixture, tokenizer_dir, out, merge=False, **kw)  # refuse bad input before any task starts
+    setup_run(mixture, tokenizer_dir, out, **kw)  # refuse bad input and changed pieces before any task starts
     logs = out / ".datatrove"
     steps = (TokenizeStep(mixture, tokenizer_dir, out, **kw), MergeStep(mixture, tokenizer_dir, out, **kw))
     if executor == "local":
