@@ -139,3 +139,11 @@ def test_unlisted_card_from_vram_and_tflops():
     prof = resolve_gpu("my card", 20.0, 120.0, None)
     assert prof.vram_gib == 20.0 and prof.bf16_tflops == 120.0
     assert resolve_gpu("4090", None, None, None).name == "RTX 4090"
+
+
+def test_fit_with_no_setting_that_fits_says_so_with_the_smallest_peak():
+    out = _plan("--config", str(ROOT / "training" / "recipes" / "debug.yaml"), "--hardware", str(FSDP2), "--gpu", "RTX 4090",
+                "--vram-gb", "0.001", "--fit", timeout=400)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "NO setting fits" in out.stdout and "smallest predicted card total" in out.stdout
+    assert "would need a card of" in out.stdout

@@ -69,6 +69,8 @@ def read_recipe(config: str, overrides: list[str]):
     args = parse_args(["--config", config, *overrides])
     base = GenesisConfig.from_pretrained(args.model_config).to_dict() if args.model_config else GenesisConfig().to_dict()
     given = {f: getattr(args, f) for f in MODEL_FIELDS if getattr(args, f) is not None}
+    if "vocab_size" not in given and args.embedded_data:  # build_model takes the tokenizer's length
+        given["vocab_size"] = args.embedded_vocab_size
     if {"hidden_size", "num_attention_heads"} & given.keys():
         base.pop("head_dim", None)
     if args.rope_theta is not None:

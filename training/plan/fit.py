@@ -16,7 +16,7 @@ from dataclasses import replace
 from training.plan.predict import gib
 from training.plan.trace import Setting
 
-MICRO_BATCHES = (1, 2, 4, 8, 16)
+MICRO_BATCHES = (1, 2, 4, 8)
 AC = ("full", "alternate", "none")
 
 
@@ -62,6 +62,10 @@ def fit(config, base: Setting, prof, *, num_machines: int = 1, margin: float = 0
                 tried.append((s, p, ok))
                 if not ok:
                     break  # a larger micro-batch needs more
+            if not tried[0][2]:
+                break  # the most frugal setting does not fit: none will
+        if not tried[0][2]:
+            break
     fitting = sorted([(p.time["tokens_per_s"], s, p) for s, p, ok in tried if ok], key=lambda x: -x[0])
     best = fitting[0] if fitting else None
     runners = []
