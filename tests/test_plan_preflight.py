@@ -50,3 +50,16 @@ def test_no_preflight_off_cuda():
 ])
 def test_device_names_map_to_profiles(device, memory, want):
     assert profile_name(device, memory) == want
+
+
+def test_the_step_10_record_puts_the_plan_beside_the_measurement(caplog):
+    from training.metrics import is_side_record
+    from training.plan.preflight import compare_line
+
+    plan = _plan_json(13.2)
+    with caplog.at_level("INFO", logger="training.pretrain"):
+        rec = compare_line(plan, {"step": 10, "tok_s": 17000.0}, types.SimpleNamespace(type="cpu"))
+    assert rec["event"] == "plan_vs_measured" and is_side_record(rec)  # off the step curves
+    assert rec["predicted_device_total"] == plan["memory"]["predicted_device_total"]
+    assert rec["measured_tokens_per_s"] == 17000.0 and rec["predicted_tokens_per_s_range"] == [12000.0, 18000.0]
+    assert "17,000 measured" in caplog.text

@@ -176,8 +176,10 @@ def train(args: PretrainArguments) -> int:
     stop = StopRequest(args.stop_signal or None)  # SIGTERM/SIGINT/early warning: finish the step, save, exit 75
     apply_determinism(args)  # before any cuBLAS call: CUBLAS_WORKSPACE_CONFIG is read at the first handle
     require_granted_fsdp(accelerator)  # never train unsharded when the config asked for FSDP
-    from training.plan.preflight import preflight  # genesis plan (CUDA only): log the prediction, and
-    preflight(args, accelerator)  # refuse a setting predicted not to fit unless --ignore_plan/GENESIS_IGNORE_PLAN=1)
+    # genesis plan (CUDA only): log the prediction, refuse a setting predicted not to fit
+    # (GENESIS_IGNORE_PLAN=1 goes ahead); after step 10 it is logged against the measurement.
+    from training.plan.preflight import compare_line, preflight
+    planned = preflight(args, accelerator)
     hub = HubSync.from_args(args, is_main=main_proc)  # push_to_hub flags refused here, before any work
     latency = startup_check(accelerator, args.startup_check_timeout_s)
     logger.info("start-up all-reduce over %d process(es): %.3fs (%s)", world, latency, accelerator.distributed_type)
@@ -319,6 +321,9 @@ def train(args: PretrainArguments) -> int:
                     record |= evaluate(model, val, byte_lengths)
                     last_eval = {"step": step, "val_bpb": record.get("val_bpb")}
                 metrics.log(record)
+                if planned is not None and step >= 10 and not planned.get("compared"):  # genesis plan vs this run
+                    planned["compared"] = True
+                    metrics.log(compare_line(planned, record, accelerator.device))
                 for event in hub.events() if hub is not None else ():
                     metrics.log(event)
                 bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}", tok_s=f"{record['tok_s']:.0f}")

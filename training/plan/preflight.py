@@ -122,12 +122,23 @@ def _run_plan(name: str, total_memory: int, accelerator, argv: list[str] | None)
     return json.loads(out.stdout)
 
 
-def compare_line(plan_json: dict, measured: dict) -> dict:
-    """The record pretrain logs after step 10: predicted against measured (bytes, tokens/s)."""
+def compare_line(plan_json: dict, record: dict, device) -> dict:
+    """The metrics.jsonl record pretrain.py writes once, at the first logged step >= 10: the plan
+    against what this run measured (bytes; tokens/s of the logging window, all ranks)."""
+    import torch
+
     m, t = plan_json["memory"], plan_json["time"]
-    return {"event": "plan_vs_measured", "predicted_peak_allocated": m["peak_allocated"],
-            "predicted_device_total": m["predicted_device_total"],
-            "measured_max_memory_allocated": measured.get("max_memory_allocated"),
-            "measured_max_memory_reserved": measured.get("max_memory_reserved"),
-            "predicted_tokens_per_s": t["tokens_per_s"], "predicted_tokens_per_s_range": t["tokens_per_s_range"],
-            "measured_tokens_per_s": measured.get("tokens_per_s")}
+    out = {"step": record["step"], "event": "plan_vs_measured", "predicted_peak_allocated": m["peak_allocated"],
+           "predicted_device_total": m["predicted_device_total"], "predicted_tokens_per_s": t["tokens_per_s"],
+           "predicted_tokens_per_s_range": t["tokens_per_s_range"], "measured_tokens_per_s": record.get("tok_s")}
+    if getattr(device, "type", None) == "cuda":
+        out["measured_max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
+        out["measured_max_memory_reserved"] = torch.cuda.max_memory_reserved(device)
+    lo, hi = t["tokens_per_s_range"]
+    measured_mem = (f"{out['measured_max_memory_allocated'] / GIB:.2f} GiB" if "measured_max_memory_allocated" in out
+                    else "n/a")
+    measured_tps = f"{record['tok_s']:,.0f}" if record.get("tok_s") is not None else "n/a"
+    logger.info("plan vs measured at step %d: peak allocated %.2f GiB predicted / %s measured; tokens/s %s predicted "
+                "(%s-%s) / %s measured", record["step"], m["peak_allocated"] / GIB, measured_mem,
+                f"{t['tokens_per_s']:,.0f}", f"{lo:,.0f}", f"{hi:,.0f}", measured_tps)
+    return out
