@@ -133,7 +133,7 @@ def resolve_gpu(name: str, vram_gb: float | None, tflops: float | None, link: st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="genesis plan", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="genesis plan", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="the pretraining recipe (training/recipes/*.yaml)")
     p.add_argument("--hardware", help="the accelerate config (accelerate_configs/*.yaml): world size, FSDP, precision")
