@@ -156,6 +156,10 @@ class PretrainArguments:
         metadata={"help": "JSON file {source: [[lo, hi], ...]} of global window positions never to read "
                   "(what a rollback records; `genesis spikes RUN --json` prints them)."},
     )
+    ignore_plan: bool = field(
+        default=False,
+        metadata={"help": "Train even when `genesis plan` predicts this setting does not fit the GPU (CUDA preflight)."},
+    )
     stop_signal: str = field(
         default="SIGUSR1",
         metadata={"help": "The scheduler's early-warning signal (Slurm: --signal=USR1@120): like SIGTERM and SIGINT, "

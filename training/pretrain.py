@@ -177,7 +177,7 @@ def train(args: PretrainArguments) -> int:
     apply_determinism(args)  # before any cuBLAS call: CUBLAS_WORKSPACE_CONFIG is read at the first handle
     require_granted_fsdp(accelerator)  # never train unsharded when the config asked for FSDP
     # genesis plan (CUDA only): log the prediction, refuse a setting predicted not to fit
-    # (GENESIS_IGNORE_PLAN=1 goes ahead); after step 10 it is logged against the measurement.
+    # (--ignore_plan goes ahead); after step 10 it is logged against the measurement.
     from training.plan.preflight import compare_line, preflight
     planned = preflight(args, accelerator)
     hub = HubSync.from_args(args, is_main=main_proc)  # push_to_hub flags refused here, before any work
