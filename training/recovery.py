@@ -54,18 +54,19 @@ class Recovery:
         self.pending: list[dict] = []  # spikes within the window, not yet resolved
         self.starts: dict[int, dict[str, int]] = {}  # step -> loader positions before it (global)
         self.seen: dict[int, list] = {}  # step -> this rank's [(micro, refs, loss tensor)], last steps only
-        self.rollbacks: list[dict] = self._merged(train_state.get("rollbacks", []))
+        self.rollbacks: list[dict] = self._merged(train_state.get("rollbacks", []), int(train_state.get("step", 0)))
 
     # ------------------------------------------------------------------ records
 
-    def _merged(self, from_state: list[dict]) -> list[dict]:
-        """The train state's rollbacks plus any the durable record holds that the checkpoint
-        predates (a kill between a rollback and the next checkpoint)."""
+    def _merged(self, from_state: list[dict], step: int) -> list[dict]:
+        """The train state's rollbacks plus any the durable record holds that the checkpoint of
+        `step` predates (a kill between a rollback, which restored a step <= this one, and the
+        next checkpoint)."""
         records = {rb["id"]: rb for rb in from_state}
-        if self.path.is_file():
+        if self.path.is_file() and step > 0:  # a fresh start in an old folder replays nothing
             try:
                 for rb in json.loads(self.path.read_text()).get("rollbacks", []):
-                    if rb["id"] not in records:
+                    if rb["id"] not in records and rb["restored_step"] <= step:
                         logger.warning("rollback %s (spikes at %s) is in %s but not in the checkpoint: replaying its "
                                        "decision (the run was stopped before its next checkpoint)", rb["id"],
                                        rb["spikes"], self.path)
