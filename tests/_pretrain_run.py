@@ -107,6 +107,18 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
         time.sleep(0.1)
 
 
+def wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
+    """Until metrics.jsonl has a record of `step` (or later); a run that ends or hangs first fails."""
+    deadline = time.monotonic() + timeout
+    while not (read_metrics(out) and max(read_metrics(out)) >= step):
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}")
+        if time.monotonic() > deadline:
+            kill_tree(proc.pid)
+            raise AssertionError(f"step {step} not reached within {timeout}s")
+        time.sleep(0.1)
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher and every rank (nothing gets to clean up)."""
     kill_tree(proc.pid)

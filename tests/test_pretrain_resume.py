@@ -23,6 +23,7 @@ from _pretrain_run import (
     run_pretrain,
     start_pretrain,
     wait_for,
+    wait_for_step,
 )
 
 from training.checkpoint import latest_checkpoint
@@ -112,17 +113,13 @@ def test_sigterm_to_the_launcher_saves_then_resume_is_bit_identical(straight, em
     them. The same command then continues exactly as the uninterrupted run."""
     import os
     import signal
-    import time
 
     from training.lifecycle import EXIT_STOPPED
 
     out = tmp_path / "stopped"
     env = {"GENESIS_TEST_BATCH_LOG": str(out / "batches")}
     proc = start_pretrain(out, embedded_data, *ARGS, env=env | {"GENESIS_TEST_FAULTS": "sleep@2", "GENESIS_TEST_SLEEP_S": "4"})
-    deadline = time.monotonic() + 240
-    while not (read_metrics(out) and max(read_metrics(out)) >= 2):  # the ranks hold after step 2
-        assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 2"
-        time.sleep(0.1)
+    wait_for_step(out, proc, 2)  # the ranks hold after step 2
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=180) == 128 + signal.SIGTERM
     stopped = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()

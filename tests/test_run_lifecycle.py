@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from _pretrain_fixtures import embedded_data  # noqa: F401  (fixture)
-from _pretrain_run import REPO, _env, command, kill_tree, ok, read_metrics, run_pretrain
+from _pretrain_run import REPO, _env, command, kill_tree, ok, read_metrics, run_pretrain, wait_for_step
 
 pytestmark = pytest.mark.distributed
 
@@ -29,17 +29,6 @@ def launch(out: Path, data, *args: str, env: dict) -> subprocess.Popen:
     """The launcher in a session of its own, so the test can kill its process group alone."""
     return subprocess.Popen(command(out, data, *args), cwd=REPO, env=_env(env), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not (read_metrics(out) and max(read_metrics(out)) >= step):
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}")
-        if time.monotonic() > deadline:
-            kill_tree(proc.pid)
-            raise AssertionError(f"step {step} not reached within {timeout}s")
-        time.sleep(0.1)
 
 
 def wait_until_held(out: Path, proc: subprocess.Popen, step: int = 2) -> None:

@@ -123,7 +123,7 @@ def train_step(model, optimizer, scheduler, loader, accelerator, args, guard, fa
     accum = args.gradient_accumulation_steps
     loss_sum = torch.zeros((), device=accelerator.device)
     if recovery is not None:
-        recovery.begin_step(step, loader)  # where the data stood (global positions), for a rollback's skip
+        recovery.begin_step(step)  # this step's windows are kept until the next, for a spike's attribution
     for micro in range(accum):
         batch = loader.next_batch()
         check_batch(batch, vocab_size)
@@ -131,7 +131,7 @@ def train_step(model, optimizer, scheduler, loader, accelerator, args, guard, fa
         micro_loss = forward_backward(model, accelerator, batch, sync=micro == accum - 1, scale=1.0 / accum,
                                       faults=faults, step=step)
         if recovery is not None:
-            recovery.saw(step, micro, loader.last_refs, micro_loss)  # read (a host sync) only on a spike
+            recovery.saw(micro, loader.last_refs, micro_loss)  # the loss is read (a host sync) only on a spike
         loss_sum += micro_loss
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)  # pre-clip global norm
@@ -231,7 +231,6 @@ def train(args: PretrainArguments) -> int:
     guard = SpikeGuard(args.spike_factor, args.spike_window, train_state["loss_history"],
                        train_state.get("grad_norm_history"))
     recovery = Recovery(args, train_state, rank)  # spike_policy rollback; spikes are attributed under any policy
-    recovery.pending = list(train_state.get("pending_spikes", []))
     loader.set_skips(recovery.skips(extra=read_skip_file(args.skip_data)))
     faults = TestFaults(rank)
     faults.generation = len(recovery.rollbacks)
@@ -261,7 +260,7 @@ def train(args: PretrainArguments) -> int:
                 train_state["skipped_steps"] += 1
                 msg = (f"step {step + 1}: {res.problem} (loss {res.loss}, grad_norm {res.grad_norm}); optimizer step "
                        f"NOT taken; policy {args.spike_policy}")
-                windows = recovery.attribution(step + 1, loader)  # collective: every rank knows of the spike
+                windows = recovery.attribution(loader)  # collective: every rank knows of the spike
                 metrics.log({"event": "spike", "step": step + 1, "loss": res.loss, "grad_norm": res.grad_norm,
                              "problem": res.problem, "windows": windows})
                 verdict = "stop" if args.spike_policy == "stop" else "skip"

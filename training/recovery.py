@@ -51,9 +51,8 @@ class Recovery:
     def __init__(self, args, train_state: dict, rank: int):
         self.args, self.rank = args, rank
         self.path = Path(args.output_dir) / RECORD_FILE
-        self.pending: list[dict] = []  # spikes within the window, not yet resolved
-        self.starts: dict[int, dict[str, int]] = {}  # step -> loader positions before it (global)
-        self.seen: dict[int, list] = {}  # step -> this rank's [(micro, refs, loss tensor)], last steps only
+        self.pending: list[dict] = list(train_state.get("pending_spikes", []))  # spikes not yet resolved
+        self.step, self.seen = 0, []  # the step in progress: this rank's [(micro, refs, loss tensor)]
         self.rollbacks: list[dict] = self._merged(train_state.get("rollbacks", []), int(train_state.get("step", 0)))
 
     # ------------------------------------------------------------------ records
@@ -97,21 +96,16 @@ class Recovery:
     def saving_allowed(self) -> bool:
         return not self.pending
 
-    def begin_step(self, step: int, loader) -> None:
-        self.starts[step] = dict(loader.consumed)
-        keep = self.args.rollback_window + 2
-        for old in [s for s in self.starts if s < step - keep]:
-            del self.starts[old]
-        for old in [s for s in self.seen if s < step - keep]:
-            del self.seen[old]
+    def begin_step(self, step: int) -> None:
+        self.step, self.seen = step, []
 
-    def saw(self, step: int, micro: int, refs, loss: torch.Tensor) -> None:
-        self.seen.setdefault(step, []).append((micro, list(refs), loss))
+    def saw(self, micro: int, refs, loss: torch.Tensor) -> None:
+        self.seen.append((micro, list(refs), loss))
 
-    def attribution(self, step: int, loader) -> list[dict]:
-        """Every rank's windows of `step` (collective on a spike: every rank knows it is one)."""
+    def attribution(self, loader) -> list[dict]:
+        """Every rank's windows of the step just made (collective on a spike: every rank knows of it)."""
         mine = []
-        for micro, refs, loss in self.seen.get(step, []):
+        for micro, refs, loss in self.seen:
             for name, epoch, offset in refs:
                 mine.append({"rank": self.rank, "micro": micro, "source": name, "epoch": epoch, "offset": int(offset),
                              "micro_loss": float(loss), **loader.locate(name, int(offset))})
