@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["calibrate"]:  # genesis plan calibrate --from RESULTS.json: fit a profile's constants
+        from training.plan.calibrate import main as calibrate_main
+
+        return calibrate_main(argv[1:])
     parser = build_parser()
     ns, overrides = parser.parse_known_args(argv)
     if ns.gpu == "list":
