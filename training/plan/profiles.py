@@ -2,6 +2,9 @@
 
     profile = lookup("RTX 4090")            # exact name, case-insensitive, or a unique substring
     custom = GPUProfile.custom(vram_gb=20, tflops=120)   # an unlisted card (--vram-gb/--tflops)
+
+A card whose constants `genesis plan calibrate --write` fitted carries its `calibrated:` note (source
+file, date, rows) in `profile.extra["calibrated"]`; `--gpu list` marks it.
 """
 
 from __future__ import annotations
@@ -75,7 +78,12 @@ class GPUProfile:
 
 @lru_cache(maxsize=1)
 def _table() -> dict[str, GPUProfile]:
-    raw = yaml.safe_load(TABLE.read_text(encoding="utf-8"))
+    return load_table(TABLE)
+
+
+def load_table(path: Path) -> dict[str, GPUProfile]:
+    """Every profile of a gpus.yaml (`_table()` caches the repository's; calibrate reads a given one)."""
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     defaults, links = raw["defaults"], raw["link_gbps"]
     out = {}
     for name, g in raw["gpus"].items():
@@ -92,7 +100,8 @@ def _table() -> dict[str, GPUProfile]:
             link_efficiency=tuple(c["link_efficiency"]), overlap=tuple(c["overlap"]),
             kernel_floor_us=float(c["kernel_floor_us"]), allocator_reserve_fraction=float(c["allocator_reserve_fraction"]),
             cuda_context_gib=float(c["cuda_context_gib"]), nccl_buffers_gib=float(c["nccl_buffers_gib"]),
-            internode_gbps=float(c["internode_gbps"]), source=g.get("source", ""))
+            internode_gbps=float(c["internode_gbps"]), source=g.get("source", ""),
+            extra={"calibrated": g["calibrated"]} if g.get("calibrated") else {})
     return out
 
 
@@ -100,9 +109,9 @@ def names() -> list[str]:
     return list(_table())
 
 
-def lookup(name: str) -> GPUProfile:
+def lookup(name: str, table: dict[str, GPUProfile] | None = None) -> GPUProfile:
     """The profile named `name`: exact (case-insensitive), else the one key containing it."""
-    table = _table()
+    table = _table() if table is None else table
     low = name.strip().lower()
     for key, prof in table.items():
         if key.lower() == low or key.lower().replace(" ", "") == low.replace(" ", ""):
@@ -118,11 +127,20 @@ def lookup(name: str) -> GPUProfile:
 def table_text() -> str:
     """`genesis plan --gpu list`: one row per profile."""
     rows = [f"{'GPU':<18} {'VRAM GiB':>8} {'bf16 TF/s':>9} {'mem GB/s':>8}  {'link (GB/s)':<22} source"]
+    calibrated = []
     for p in _table().values():
-        rows.append(f"{p.name:<18} {p.vram_gib:>8g} {p.bf16_tflops:>9g} {p.mem_gbps:>8g}  "
+        mark = " *" if p.extra.get("calibrated") else ""
+        rows.append(f"{p.name + mark:<18} {p.vram_gib:>8g} {p.bf16_tflops:>9g} {p.mem_gbps:>8g}  "
                     f"{p.link + ' ' + format(p.link_gbps[p.link], 'g'):<22} {p.source}")
-    d = next(iter(_table().values()))
-    rows.append(f"\nefficiencies [pessimistic, optimistic]: matmul {list(d.matmul_efficiency)}, memory "
+        if mark:
+            note = p.extra["calibrated"]
+            calibrated.append(f"* {p.name}: calibrated (genesis plan calibrate) from {note.get('from', '?')} on "
+                              f"{note.get('date', '?')}: matmul {list(p.matmul_efficiency)}, allocator reserve "
+                              f"{p.allocator_reserve_fraction:.1%}, CUDA context {p.cuda_context_gib:g} GiB, "
+                              f"NCCL {p.nccl_buffers_gib:g} GiB")
+    rows += calibrated
+    d = next((p for p in _table().values() if not p.extra.get("calibrated")), next(iter(_table().values())))
+    rows.append(f"\nefficiencies [pessimistic, optimistic] (every card not marked *): matmul {list(d.matmul_efficiency)}, memory "
                 f"{list(d.memory_efficiency)}, link {list(d.link_efficiency)}, overlap {list(d.overlap)}; "
                 f"overheads: allocator reserve {d.allocator_reserve_fraction:.0%} of peak, CUDA context "
                 f"{d.cuda_context_gib} GiB, NCCL {d.nccl_buffers_gib} GiB (sources: {TABLE.name})")

@@ -1,0 +1,148 @@
+"""`genesis plan calibrate` (training/plan/calibrate.py): recovers known constants from rows the planner
+itself made with them, writes them into a copy of gpus.yaml that the loader reads back (comments kept),
+and refuses bad input by name. Traces run in child processes (the fake process group is process-wide)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = ROOT / "training" / "plan" / "gpus.yaml"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+# A card slow enough that the debug model's matmuls, not the launch floor, set the step time.
+TEST_CARD = """  Test Card:
+    vram_gib: 8.0
+    bf16_tflops: 0.05
+    mem_gbps: 1000.0
+    link: pcie_no_p2p
+    source: a test card whose matmuls set the step time of training/recipes/debug.yaml
+"""
+# The "measurements": the planner's own prediction under known constants, per row.
+TRUE = {"matmul": (0.45, 0.55), "reserve": (0.12, 0.10), "context_gib": 0.5, "nccl_gib": 0.25}
+MAKE_ROWS = """
+import json, sys
+from dataclasses import replace
+from training.plan.cli import plan, read_hardware, read_recipe, setting_for
+from training.plan.profiles import GIB, load_table, lookup
+prof = lookup("Test Card", load_table(sys.argv[1]))
+true = json.loads(sys.argv[2])
+rows = []
+for i, (world, mb) in enumerate(((1, 2), (2, 4))):
+    overrides = ["--per_device_train_batch_size", str(mb), "--gradient_accumulation_steps", "1", "--max_steps", "14"]
+    hw = read_hardware("accelerate_configs/fsdp_2gpu_pcie.yaml", world)
+    args, cfg = read_recipe("training/recipes/debug.yaml", overrides)
+    p = plan(cfg, setting_for(args, hw), replace(prof, matmul_efficiency=(true["matmul"][i],) * 2))
+    alloc = p.memory["peak_allocated"]
+    reserved = int(alloc * (1 + true["reserve"][i]))
+    card = reserved + int((true["context_gib"] + (true["nccl_gib"] if world > 1 else 0.0)) * GIB)
+    rows.append({"gpu_name": "Test Card 8GB", "profile": "Test Card", "recipe": "training/recipes/debug.yaml",
+                 "overrides": overrides, "world_size": world, "accelerate_config": "accelerate_configs/fsdp_2gpu_pcie.yaml",
+                 "plan": p.as_json(), "measured": {"tokens_per_s": p.time["tokens_per_s"], "max_memory_allocated": alloc,
+                                                   "max_memory_reserved": reserved, "nvml_process_used": card}})
+print(json.dumps({"date": "2026-12-07", "commit": "0000000", "dry_run": False, "rows": rows}))
+"""
+
+
+def _run(*argv: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _calibrate(*argv: str) -> subprocess.CompletedProcess:
+    return _run("-m", "genesis_cli", "plan", "calibrate", *argv)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """(results file, a copy of gpus.yaml with the test card) for rows made with TRUE."""
+    tmp = tmp_path_factory.mktemp("calibrate")
+    table = tmp / "gpus.yaml"
+    table.write_text(TABLE.read_text(encoding="utf-8").rstrip("\n") + "\n" + TEST_CARD, encoding="utf-8")
+    out = _run("-c", MAKE_ROWS, str(table), json.dumps(TRUE))
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = tmp / "plan_calibration-test.json"
+    results.write_text(out.stdout.strip().splitlines()[-1], encoding="utf-8")
+    return results, table
+
+
+def test_recovers_known_constants_and_writes_them_back_with_the_comments_kept(synthetic):
+    from training.plan.profiles import GIB, load_table, lookup
+
+    results, table = synthetic
+    from training.plan.calibrate import write_profile
+
+    before = table.read_text(encoding="utf-8")
+    wrote = _calibrate("--from", str(results), "--table", str(table), "--write")
+    assert wrote.returncode == 0, wrote.stderr[-3000:]
+    assert "memory_efficiency: not fitted" in wrote.stdout
+    assert "calibrate Test Card from" in wrote.stdout and "micro-batch 2, 4 on 1/2 rank(s) (debug.yaml)" in wrote.stdout
+    assert "wrote matmul_efficiency, allocator_reserve_fraction, cuda_context_gib, nccl_buffers_gib" in wrote.stdout
+    first = table.read_text(encoding="utf-8")
+    # Writing again replaces the earlier calibration block of the card.
+    write_profile(table, "Test Card", {"cuda_context_gib": 9.0}, {"from": "elsewhere"})
+    assert lookup("Test Card", load_table(table)).cuda_context_gib == 9.0
+    assert lookup("Test Card", load_table(table)).allocator_reserve_fraction == 0.08  # the default again
+    table.write_text(first, encoding="utf-8")
+    text = table.read_text(encoding="utf-8")
+    assert text.count("# >>> calibrated by") == 1 and text.count("# <<< calibrated") == 1
+    # Every line of the original file is still there, in order (comments included).
+    lines = iter(text.splitlines())
+    assert all(any(old == new for new in lines) for old in before.splitlines())
+    card = lookup("Test Card", load_table(table))
+    lo, hi = card.matmul_efficiency
+    assert lo == pytest.approx(min(TRUE["matmul"]), rel=0.01) and hi == pytest.approx(max(TRUE["matmul"]), rel=0.01)
+    assert card.allocator_reserve_fraction == pytest.approx(max(TRUE["reserve"]), rel=0.01)
+    assert card.cuda_context_gib == pytest.approx(TRUE["context_gib"], rel=0.01)
+    assert card.nccl_buffers_gib == pytest.approx(TRUE["nccl_gib"], rel=0.01)
+    assert card.memory_efficiency == lookup("RTX 4090", load_table(TABLE)).memory_efficiency  # not fitted
+    assert card.extra["calibrated"]["from"] == str(results) and card.extra["calibrated"]["commit"] == "0000000"
+    # The other cards are read as before.
+    for name in ("RTX 4090", "H100 SXM", "RTX 4060 Ti 16 GB"):
+        assert lookup(name, load_table(table)) == lookup(name, load_table(TABLE))
+    assert card.overhead_bytes(2) == pytest.approx(0.75 * GIB, rel=0.01)
+
+
+def _broken(results: Path, tmp_path: Path, edit) -> Path:
+    data = json.loads(results.read_text())
+    edit(data)
+    out = tmp_path / "broken.json"
+    out.write_text(json.dumps(data))
+    return out
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda d: d["rows"][1]["measured"].pop("max_memory_reserved"), "rows[1]: missing field 'measured.max_memory_reserved'"),
+    (lambda d: d["rows"][0].pop("overrides"), "rows[0]: missing field 'overrides'"),
+    (lambda d: d.pop("commit"), "missing field 'commit'"),
+])
+def test_a_row_missing_a_field_is_refused_naming_file_and_field(synthetic, tmp_path, edit, needle):
+    results, table = synthetic
+    bad = _broken(results, tmp_path, edit)
+    out = _calibrate("--from", str(bad), "--table", str(table))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [f"genesis plan calibrate: {bad}: {needle}"]
+
+
+def test_missing_or_malformed_file_and_unknown_gpu_are_refused(synthetic, tmp_path):
+    results, table = synthetic
+    out = _calibrate("--from", str(tmp_path / "nope.json"))
+    assert out.returncode == 2 and "nope.json: file not found" in out.stderr
+    (tmp_path / "bad.json").write_text("{not json")
+    out = _calibrate("--from", str(tmp_path / "bad.json"))
+    assert out.returncode == 2 and "bad.json: not JSON" in out.stderr
+    out = _calibrate("--from", str(results), "--table", str(table), "--gpu", "GTX 9999")
+    assert out.returncode == 2 and "GTX 9999" in out.stderr and "RTX 4090" in out.stderr and "Test Card" in out.stderr
+
+
+def test_dry_run_rows_are_never_written(synthetic, tmp_path):
+    results, table = synthetic
+    dry = _broken(results, tmp_path, lambda d: d.update(dry_run=True))
+    before = table.read_text()
+    out = _calibrate("--from", str(dry), "--table", str(table), "--write")
+    assert out.returncode == 2 and "dry-run rows (CPU): --write refused" in out.stderr
+    assert table.read_text() == before
