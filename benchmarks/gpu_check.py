@@ -5,6 +5,8 @@
     python benchmarks/gpu_check.py --dry-run        # CPU, shapes reduced: proves the script (tests run it)
     python benchmarks/gpu_check.py --dry-run --ranks 2
     python benchmarks/gpu_check.py --prepare-only   # build the embedded tokenizer + shards and stop
+    python benchmarks/gpu_check.py --calibrate      # one CUDA GPU, ~4-5 minutes (estimated): plan beside measurement
+    python benchmarks/gpu_check.py --dry-run --calibrate
 
 What it measures:
 1. The 1B (GenesisConfig()) at micro-batch 4 x 2048, bf16, activation checkpointing per decoder
@@ -24,6 +26,11 @@ What it measures:
 3. `--ranks 2` (two GPUs): pretrain.py on 2 ranks, the 1B shape, 1,010 steps with async saves at
    1,000 and at the end: each GPU's memory from NVML, a failure if any rank holds a context on
    another rank's GPU (the async writer thread once did), the host's pinned bytes; one table.
+4. `--calibrate` (on its own, so the default check keeps its ~8 minutes): pretrain.py on the 1B at
+   micro-batch 2, 4 and 8 (x 2048, accumulation 1, 14 steps, --ranks ranks) beside `genesis plan --json`
+   of the same flags: peak allocated and reserved (pretrain.py's plan_vs_measured record at step 10),
+   what NVML shows for the run's process, tokens/s; a table, and
+   benchmarks/results/plan_calibration-<gpu>.json, from which `genesis plan calibrate` fits the profile.
 
 Disk and host memory are checked first (two 1B checkpoints of 11.2 GiB at a time, up to 15 GiB
 pinned), with one message saying what is missing; each phase deletes its run folder once measured.
@@ -54,6 +61,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks import _plan_calibration as cal  # noqa: E402
 from benchmarks._gpu_rules import RESUME_RULE, check_room, compare_resume  # noqa: E402
 from benchmarks._gpu_watch import Watch, foreign_contexts, gpu_snapshot, own_gpu, worker_pids  # noqa: E402
 from benchmarks._report import REPORT, machine, write_section  # noqa: E402
@@ -201,21 +209,30 @@ def kill_tree(pid: int) -> None:
                 proc.kill()
 
 
+def recipe_path(dry: bool) -> str:
+    return "training/recipes/" + ("debug.yaml" if dry else "genesis-1b.yaml")
+
+
+def pretrain_overrides(out: Path, data: tuple[Path, Path], *extra: str, max_steps: int = 20,
+                       save_steps: int = 10) -> list[str]:
+    """What follows `pretrain.py --config RECIPE` in every run of the check."""
+    tok_dir, data_dir = data
+    return ["--output_dir", str(out), "--tokenizer_dir", str(tok_dir), "--data_dir", str(data_dir),
+            "--embedded_data", "", "--mixture", "training/mixtures/embedded.yaml", "--report_to", "none",
+            "--eval_steps", "0", "--logging_steps", "1", "--gradient_accumulation_steps", "1",
+            "--max_steps", str(max_steps), "--warmup_steps", "5", "--save_steps", str(save_steps),
+            "--save_minutes", "0", "--keep_last", "2", "--no_progress_bar", *extra]
+
+
 def run_pretrain(dry: bool, out: Path, data: tuple[Path, Path], *extra: str, timeout: float, nproc: int = 1,
                  max_steps: int = 20, save_steps: int = 10, sample=None, every: float = 2.0) -> tuple[str, float]:
     """pretrain.py through the FSDP config (dry run: 2 CPU ranks through the shim). `sample(pid)`
     is called every `every` seconds with the launcher's pid while the run lasts."""
-    tok_dir, data_dir = data
     nproc = max(nproc, 2) if dry else nproc
-    recipe = "debug.yaml" if dry else "genesis-1b.yaml"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
            "--num_processes", str(nproc), "--main_process_port", str(free_port()),
-           str(REPO / "training" / "pretrain.py"), "--config", str(REPO / "training" / "recipes" / recipe),
-           "--output_dir", str(out), "--tokenizer_dir", str(tok_dir), "--data_dir", str(data_dir),
-           "--embedded_data", "", "--mixture", "training/mixtures/embedded.yaml", "--report_to", "none",
-           "--eval_steps", "0", "--logging_steps", "1", "--gradient_accumulation_steps", "1",
-           "--max_steps", str(max_steps), "--warmup_steps", "5", "--save_steps", str(save_steps),
-           "--save_minutes", "0", "--keep_last", "2", "--no_progress_bar", *extra]
+           str(REPO / "training" / "pretrain.py"), "--config", str(REPO / recipe_path(dry)),
+           *pretrain_overrides(out, data, *extra, max_steps=max_steps, save_steps=save_steps)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if _CUBLAS_SET_HERE:  # main() set it for the model rows; pretrain.py sets it itself with --deterministic
         env.pop("CUBLAS_WORKSPACE_CONFIG", None)
@@ -379,6 +396,89 @@ def ranks_section(dry: bool, data: tuple[Path, Path], work: Path, steps: int, sa
     ]), verdict is not False
 
 
+# ----------------------------------------------------------------------------- 4. the plan beside the measurement
+
+CALIBRATION_BATCHES = (2, 4, 8)
+FSDP_REL = str(FSDP_CONFIG.relative_to(REPO))
+DRY_PROFILE = "RTX 4090"  # the dry run plans for some card; CPU timings calibrate nothing
+
+
+def calibration_section(dry: bool, data: tuple[Path, Path], work: Path, ranks: int, steps: int,
+                        results: Path | None) -> tuple[str, bool]:
+    """pretrain.py at micro-batch 2, 4 and 8, each beside `genesis plan --json` of the same flags (planned
+    in child processes started first, on the CPU, while the runs train). Writes the results file."""
+    from training.plan.preflight import profile_name
+    from training.plan.profiles import lookup
+
+    nproc = max(ranks, 2) if dry else ranks
+    if dry:
+        gpu_name, profile, vram = "CPU (dry run)", DRY_PROFILE, None
+    else:
+        props = torch.cuda.get_device_properties(0)
+        gpu_name, vram = props.name, props.total_memory / 2**30
+        profile = profile_name(props.name, props.total_memory)
+        if profile is None:
+            raise SystemExit(f"gpu_check --calibrate: {props.name} has no profile in training/plan/gpus.yaml; add one")
+    extra_dry = ("--vocab_size", "4096") if dry else ()  # the model takes the embedded tokenizer's 4096
+    started = {}
+    for mb in CALIBRATION_BATCHES:
+        out = work / f"calibrate-mb{mb}"
+        extra = ("--per_device_train_batch_size", str(mb), "--save_mode", "sync", *extra_dry)
+        overrides = pretrain_overrides(out, data, *extra, max_steps=steps, save_steps=0)
+        started[mb] = (out, extra, overrides, cal.start_plan(recipe_path(dry), FSDP_REL, nproc, profile, vram,
+                                                                  overrides, work / f"plan-mb{mb}.log"))
+    rows, failed = [], []
+    for mb, (out, extra, overrides, planner) in started.items():
+        watch = None if dry else cal.CardWatch(tuple(own_gpu(r) for r in range(nproc)))
+        if watch is not None:
+            watch.start(gpu_snapshot())
+        log(f"calibrate: micro-batch {mb}, {steps} steps on {nproc} rank(s), planned as {profile}")
+        try:
+            _, took = run_pretrain(dry, out, data, *extra, timeout=420 if dry else 600, nproc=nproc,
+                                   max_steps=steps, save_steps=0, every=1.0,
+                                   sample=None if watch is None else lambda _pid, w=watch: w.add(gpu_snapshot()))
+            recs = records(out)
+            plan = cal.plan_json(planner)
+        except RuntimeError as e:  # e.g. the preflight refused a setting predicted not to fit: a finding
+            failed.append({"per_device_train_batch_size": mb, "error": str(e)[-1500:]})
+            log(f"calibrate: micro-batch {mb} failed: {str(e).splitlines()[0]}")
+            continue
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        s = plan["setting"]
+        tokens = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"] * s["seq_len"] * nproc
+        rows.append({"gpu_name": gpu_name, "profile": profile, "recipe": recipe_path(dry), "overrides": overrides,
+                     "world_size": nproc, "accelerate_config": FSDP_REL, "plan": plan,
+                     "preflight": next((r for r in recs if r.get("event") == "plan_vs_measured"), None),
+                     "measured": cal.measured(recs, tokens, watch, took)})
+        log(f"calibrate: micro-batch {mb}: {rows[-1]['measured']['tokens_per_s']:,.0f} tokens/s measured, "
+            f"{plan['time']['tokens_per_s']:,.0f} planned")
+    for _, _, _, planner in started.values():  # a run that failed early leaves its planner behind
+        if planner.poll() is None:
+            kill_tree(planner.pid)
+    path = results or (cal.results_file(gpu_name) if not dry else Path(tempfile.gettempdir()) / "plan_calibration-dry.json")
+    cal.write_results(path, rows, dry=dry, gpu_name=gpu_name, profile=profile, machine=machine(), failed=failed)
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    reserve = lookup(profile).allocator_reserve_fraction
+    return "\n".join([
+        f"### The plan beside the measurement: {machine()}" + (" — DRY RUN, debug.yaml on 2 CPU ranks" if dry else ""),
+        "",
+        f"Each row: `accelerate launch --config_file {FSDP_REL} --num_processes {nproc} training/pretrain.py --config "
+        f"{recipe_path(dry)} --per_device_train_batch_size MB --gradient_accumulation_steps 1 --max_steps {steps} "
+        f"--save_mode sync` on the embedded corpus, and `genesis plan --gpu \"{profile}\"` of the same flags "
+        f"(the profile as this commit has it). Measured: max_memory_allocated and max_memory_reserved at step 10 "
+        "(pretrain.py's `plan_vs_measured` record), the card total as NVML showed it for the run's process(es) "
+        "(sampled every second), tokens/s the median of the steps from 3 on, all ranks. Ratios: plan / measured.",
+        "",
+        *cal.table(rows, reserve),
+        *(f"\n- micro-batch {f['per_device_train_batch_size']}: **failed**: {f['error'].strip().splitlines()[-1]}"
+          for f in failed),
+        "",
+        f"Rows, plans and measurements: `{shown}`. `genesis plan calibrate --from {shown}` fits the profile's "
+        "constants to them (`--write` stores them in training/plan/gpus.yaml).",
+    ]), not failed
+
+
 def main(argv: list[str] | None = None) -> int:
     global _CUBLAS_SET_HERE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -397,6 +497,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks-steps", type=int, default=None, help="--ranks 2: steps (default 1010; dry run 6)")
     parser.add_argument("--ranks-save-step", type=int, default=None,
                         help="--ranks 2: save every this many steps (default 1000; dry run 4)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="only the plan beside the measurement: pretrain.py at micro-batch 2, 4, 8 (--ranks ranks), "
+                             "each with `genesis plan` of the same flags; its own section, and a results file for "
+                             "`genesis plan calibrate`")
+    parser.add_argument("--calibrate-steps", type=int, default=None,
+                        help="--calibrate: steps per run (default 14: the plan_vs_measured record is at step 10; dry run 4)")
+    parser.add_argument("--results", default=None, help="--calibrate: the results file (default "
+                        "benchmarks/results/plan_calibration-<gpu>.json; the dry run: the system temporary folder)")
     parser.add_argument("--report", default=None, help="file to write the section to (default docs/benchmarks.md; "
                                                        "the dry run writes nowhere unless given)")
     args = parser.parse_args(argv)
@@ -419,7 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     sections, ok = [], True
     with tempfile.TemporaryDirectory(prefix="gpu_check-", dir=work_parent) as work:
-        if args.ranks == 2:
+        if args.calibrate:
+            steps = args.calibrate_steps or (4 if args.dry_run else 14)
+            text, ok = calibration_section(args.dry_run, data, Path(work), args.ranks, steps,
+                                           Path(args.results) if args.results else None)
+            sections.append(text)
+        elif args.ranks == 2:
             steps = args.ranks_steps or (6 if args.dry_run else 1010)
             save_step = args.ranks_save_step or (4 if args.dry_run else 1000)
             text, ok = ranks_section(args.dry_run, data, Path(work), steps, save_step)
@@ -436,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     name = "gpu_check_ranks2" if args.ranks == 2 else "gpu_check"
     title = "GPU check, two GPUs (`benchmarks/gpu_check.py --ranks 2`)" if args.ranks == 2 else \
         "GPU check (`benchmarks/gpu_check.py`)"
+    if args.calibrate:
+        name = "plan_calibration" + ("_ranks2" if args.ranks == 2 else "")
+        title = f"Plan against measurement (`benchmarks/gpu_check.py --calibrate{' --ranks 2' if args.ranks == 2 else ''}`)"
     body = f"## {title}\n\n" + "\n\n".join(sections)
     body += f"\n\nWall time of the whole check: {time.perf_counter() - t0:.0f} s."
     print(body)

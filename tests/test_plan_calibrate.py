@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _pretrain_fixtures import embedded_data  # noqa: E402,F401  (fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "training" / "plan" / "gpus.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
@@ -146,3 +150,35 @@ def test_dry_run_rows_are_never_written(synthetic, tmp_path):
     out = _calibrate("--from", str(dry), "--table", str(table), "--write")
     assert out.returncode == 2 and "dry-run rows (CPU): --write refused" in out.stderr
     assert table.read_text() == before
+
+
+@pytest.mark.distributed
+def test_gpu_check_calibrate_dry_run_writes_the_results_file_and_the_table(tmp_path, monkeypatch, embedded_data):  # noqa: F811
+    """benchmarks/gpu_check.py --calibrate --dry-run: pretrain.py on 2 CPU ranks beside `genesis plan --json`
+    of the same flags; a results file that calibrate reads, and its own section of the report."""
+    from benchmarks import gpu_check
+    from training.plan.calibrate import read_results
+
+    monkeypatch.setattr(gpu_check, "prepare_data", lambda root, vocab: embedded_data)  # the tiny mixture: seconds
+    monkeypatch.setattr(gpu_check, "CALIBRATION_BATCHES", (2, 4))  # the GPU run's third launch adds only time here
+    report, results = tmp_path / "benchmarks.md", tmp_path / "plan_calibration-dry.json"
+    assert gpu_check.main(["--dry-run", "--calibrate", "--data-root", str(tmp_path / "unused"), "--work-dir",
+                           str(tmp_path / "work"), "--report", str(report), "--results", str(results)]) == 0
+    data = read_results(results)  # every field `genesis plan calibrate` reads is there
+    assert data["dry_run"] is True and data["failed"] == [] and len(data["rows"]) == 2
+    for row, mb in zip(data["rows"], (2, 4)):
+        assert row["recipe"] == "training/recipes/debug.yaml" and row["world_size"] == 2
+        assert row["accelerate_config"] == "accelerate_configs/fsdp_2gpu_pcie.yaml"
+        over = row["overrides"]
+        assert over[over.index("--per_device_train_batch_size") + 1] == str(mb) and "--max_steps" in over
+        assert row["plan"]["setting"]["per_device_train_batch_size"] == mb and row["plan"]["world_size"] == 2
+        assert row["plan"]["memory"]["peak_allocated"] > 0 and row["plan"]["time"]["tokens_per_s"] > 0
+        m = row["measured"]
+        assert m["tokens_per_s"] > 0 and m["tokens_per_step"] == mb * 64 * 2 and m["steps_timed"] == [3, 4]
+        assert m["max_memory_allocated"] is None and m["nvml_process_used"] is None  # CPU: absent, not zero
+    text = report.read_text()
+    assert "<!-- plan_calibration:start -->" in text and "<!-- gpu_check:start -->" not in text
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| micro-batch | peak allocated, GiB: plan / measured (ratio) |") and len(table) == 4
+    assert table[2].startswith("| 2 x 64 | ") and table[3].startswith("| 4 x 64 | ") and "/ n/a (n/a)" in table[2]
+    assert f"`genesis plan calibrate --from {results}`" in text

@@ -96,18 +96,22 @@ class RowPlanner:
         return plan(self.config, self.setting, prof, num_machines=self.machines)
 
 
-def fit_matmul(planner: RowPlanner, prof: GPUProfile, tokens_per_s: float) -> float | None:
-    """The matmul efficiency at which the middle prediction makes `tokens_per_s` (None: outside BRACKET)."""
+def fit_matmul(planner: RowPlanner, prof: GPUProfile, tokens_per_s: float) -> tuple[float | None, str]:
+    """(the matmul efficiency at which the middle prediction makes `tokens_per_s`, or None and why)."""
     def tps(m: float) -> float:
         return planner(replace(prof, matmul_efficiency=(m, m))).time["tokens_per_s"]
 
     lo, hi = BRACKET
-    if not tps(lo) <= tokens_per_s <= tps(hi):  # faster than the roofline allows, or slower than 1% of peak
-        return None
+    if tokens_per_s > tps(hi):
+        return None, (f"measured {tokens_per_s:,.0f} tokens/s, faster than the plan at matmul efficiency {hi} "
+                      f"({tps(hi):,.0f}): the memory-bound or communication time is overestimated")
+    if tokens_per_s < tps(lo):
+        return None, (f"measured {tokens_per_s:,.0f} tokens/s, slower than the plan at matmul efficiency {lo} "
+                      f"({tps(lo):,.0f}): not this card's GEMMs (a CPU dry run, or a stall)")
     for _ in range(50):  # predicted tokens/s grows with the efficiency
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if tps(mid) < tokens_per_s else (lo, mid)
-    return (lo + hi) / 2
+    return (lo + hi) / 2, ""
 
 
 def _card_minus_reserved(row: dict) -> float | None:
@@ -120,15 +124,15 @@ def _card_minus_reserved(row: dict) -> float | None:
 def fit(rows: list[dict], planners: list[RowPlanner], prof: GPUProfile) -> tuple[dict, list[str]]:
     """(fitted constants, notes on what could not be fitted and why)."""
     fitted, notes = {}, []
-    per_row = [fit_matmul(p, prof, r["measured"]["tokens_per_s"]) for r, p in zip(rows, planners)]
-    for r, m in zip(rows, per_row):
-        r["fitted_matmul_efficiency"] = m
-    good = [m for m in per_row if m is not None]
+    good = []
+    for i, (r, p) in enumerate(zip(rows, planners)):
+        r["fitted_matmul_efficiency"], why = fit_matmul(p, prof, r["measured"]["tokens_per_s"])
+        if why:
+            notes.append(f"matmul_efficiency: rows[{i}] left out: {why}")
+        else:
+            good.append(r["fitted_matmul_efficiency"])
     if good:
         fitted["matmul_efficiency"] = [round(min(good), 4), round(max(good), 4)]
-    if len(good) < len(per_row):
-        notes.append(f"matmul_efficiency: {len(per_row) - len(good)} row(s) outside {list(BRACKET)} (measured faster than "
-                     "the roofline at 100%, or slower than 1% of peak: a CPU dry run), left out")
     notes.append("memory_efficiency: not fitted (the rows vary the micro-batch only, which scales matmul and "
                  "memory-bound time alike; tokens/s cannot separate them)")
     ratios = [r["measured"]["max_memory_reserved"] / r["measured"]["max_memory_allocated"] - 1 for r in rows
