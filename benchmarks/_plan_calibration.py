@@ -46,6 +46,15 @@ def plan_json(proc: subprocess.Popen, timeout: float = 900) -> dict:
     return json.loads(text[text.index("{"):])
 
 
+def cuda_device() -> tuple[str, int]:
+    """(torch.cuda.get_device_name(0), total memory) asked in a child process: a CUDA context in this one
+    would sit on the GPU beside the runs and be counted as theirs."""
+    code = "import torch; p = torch.cuda.get_device_properties(0); print(p.total_memory, p.name)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    total, name = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    return name, int(total)
+
+
 def _process_memory() -> dict[int, dict[int, int | None]] | None:
     """NVML index -> {pid: bytes that process uses on it (None: the driver does not say)}."""
     try:
@@ -98,12 +107,12 @@ class CardWatch:
         if snapshot is None and procs is None:
             return
         self.samples += 1
-        self.source = "pynvml" if snapshot is not None and snapshot.source == "pynvml" else "nvidia-smi"
+        self.source = snapshot.source if snapshot is not None else "NVML per process"
         for g in self.gpus:
             if snapshot is not None and g in snapshot.used:
                 used = snapshot.used[g] - self.idle.get(g, 0)
                 self.device_peak = max(self.device_peak or 0, used)
-            mine = (procs or {}).get(g, {})
+            mine = {pid: v for pid, v in (procs or {}).get(g, {}).items() if pid != os.getpid()}
             if mine and all(v is not None for v in mine.values()):
                 self.process_peak = max(self.process_peak or 0, sum(mine.values()))
 

@@ -414,11 +414,10 @@ def calibration_section(dry: bool, data: tuple[Path, Path], work: Path, ranks: i
     if dry:
         gpu_name, profile, vram = "CPU (dry run)", DRY_PROFILE, None
     else:
-        props = torch.cuda.get_device_properties(0)
-        gpu_name, vram = props.name, props.total_memory / 2**30
-        profile = profile_name(props.name, props.total_memory)
+        gpu_name, total = cal.cuda_device()
+        vram, profile = total / 2**30, profile_name(gpu_name, total)
         if profile is None:
-            raise SystemExit(f"gpu_check --calibrate: {props.name} has no profile in training/plan/gpus.yaml; add one")
+            raise SystemExit(f"gpu_check --calibrate: {gpu_name} has no profile in training/plan/gpus.yaml; add one")
     extra_dry = ("--vocab_size", "4096") if dry else ()  # the model takes the embedded tokenizer's 4096
     started = {}
     for mb in CALIBRATION_BATCHES:

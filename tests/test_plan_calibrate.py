@@ -93,7 +93,7 @@ def test_recovers_known_constants_and_writes_them_back_with_the_comments_kept(sy
     assert lookup("Test Card", load_table(table)).allocator_reserve_fraction == 0.08  # the default again
     table.write_text(first, encoding="utf-8")
     text = table.read_text(encoding="utf-8")
-    assert text.count("# >>> calibrated by") == 1 and text.count("# <<< calibrated") == 1
+    assert text.count("\n    # >>> calibrated by") == 1 and text.count("\n    # <<< calibrated\n") == 1
     # Every line of the original file is still there, in order (comments included).
     lines = iter(text.splitlines())
     assert all(any(old == new for new in lines) for old in before.splitlines())
@@ -182,3 +182,39 @@ def test_gpu_check_calibrate_dry_run_writes_the_results_file_and_the_table(tmp_p
     assert table[0].startswith("| micro-batch | peak allocated, GiB: plan / measured (ratio) |") and len(table) == 4
     assert table[2].startswith("| 2 x 64 | ") and table[3].startswith("| 4 x 64 | ") and "/ n/a (n/a)" in table[2]
     assert f"`genesis plan calibrate --from {results}`" in text
+
+
+def test_gpu_rows_take_memory_from_plan_vs_measured_and_the_card_from_nvml(monkeypatch):
+    """The CUDA-only part of a row, on CPU: the preflight's record gives allocated and reserved, NVML's
+    per-process figure (the check's own process left out) the card total, else the device less idle."""
+    from benchmarks import _plan_calibration as cal
+    from benchmarks._gpu_watch import GpuSnapshot
+
+    gib = 2**30
+    recs = [{"step": s, "loss": 5.0, "tok_s": t, "peak_mem_gb": 30.0} for s, t in ((1, 100.0), (2, 900.0), (3, 1000.0),
+                                                                                      (4, 1200.0), (5, 1100.0))]
+    recs.append({"step": 5, "event": "plan_vs_measured", "measured_max_memory_allocated": 31 * gib,
+                 "measured_max_memory_reserved": 33 * gib})
+    samples = iter([{0: {4242: 20 * gib, os.getpid(): gib}}, {0: {4242: 34 * gib, os.getpid(): gib}}])
+    monkeypatch.setattr(cal, "_process_memory", lambda: next(samples))
+    watch = cal.CardWatch((0,))
+    watch.start(GpuSnapshot({0: 2 * gib}, {0: set()}, "pynvml"))
+    for used in (23, 37):
+        watch.add(GpuSnapshot({0: used * gib}, {0: {4242}}, "pynvml"))
+    m = cal.measured(recs, 8192, watch, 12.0)
+    assert m["tokens_per_s"] == 1100.0 and m["steps_timed"] == [3, 4, 5] and m["step_s"] == pytest.approx(8192 / 1100)
+    assert m["max_memory_allocated"] == 31 * gib and m["max_memory_reserved"] == 33 * gib
+    assert m["nvml_process_used"] == 34 * gib and m["nvml_how"].startswith("the run's processes")
+    # No per-process figures (a container's NVML): the device's memory less what it held idle.
+    monkeypatch.setattr(cal, "_process_memory", lambda: {0: {4242: None}})
+    watch = cal.CardWatch((0,))
+    watch.start(GpuSnapshot({0: 2 * gib}, {0: set()}, "nvidia-smi"))
+    watch.add(GpuSnapshot({0: 37 * gib}, {0: {4242}}, "nvidia-smi"))
+    m = cal.measured(recs, 8192, watch, 12.0)
+    assert m["nvml_process_used"] == 35 * gib and m["nvml_how"].startswith("device memory in use less the idle")
+    plan = {"setting": {"per_device_train_batch_size": 4, "seq_len": 2048},
+            "memory": {"peak_allocated": 31 * gib, "predicted_device_total": 36 * gib},
+            "time": {"tokens_per_s": 1320.0, "tokens_per_s_range": [1000.0, 1500.0]}}
+    row = cal.table([{"plan": plan, "measured": m}], reserve_fraction=0.08)[2]
+    assert row == ("| 4 x 2048 | 31.00 / 31.00 (1.00) | 33.48 / 33.00 (1.01) | 36.00 / 35.00 (1.03) "
+                   "| 1,320 [1,000-1,500] / 1,100 (1.20) | 7.447 |")
