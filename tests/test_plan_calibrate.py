@@ -218,3 +218,24 @@ def test_gpu_rows_take_memory_from_plan_vs_measured_and_the_card_from_nvml(monke
     row = cal.table([{"plan": plan, "measured": m}], reserve_fraction=0.08)[2]
     assert row == ("| 4 x 2048 | 31.00 / 31.00 (1.00) | 33.48 / 33.00 (1.01) | 36.00 / 35.00 (1.03) "
                    "| 1,320 [1,000-1,500] / 1,100 (1.20) | 7.447 |")
+
+
+def test_gpu_list_marks_a_calibrated_card(tmp_path, monkeypatch):
+    from training.plan import profiles
+    from training.plan.calibrate import write_profile
+
+    table = tmp_path / "gpus.yaml"
+    table.write_text(TABLE.read_text(encoding="utf-8"), encoding="utf-8")
+    write_profile(table, "RTX 4090", {"matmul_efficiency": [0.4, 0.5], "cuda_context_gib": 0.45},
+                  {"from": "benchmarks/results/plan_calibration-nvidia-geforce-rtx-4090.json", "date": "2026-12-07"})
+    monkeypatch.setattr(profiles, "TABLE", table)
+    profiles._table.cache_clear()
+    try:
+        text = profiles.table_text()
+    finally:
+        monkeypatch.undo()
+        profiles._table.cache_clear()
+    assert "\nRTX 4090 *" in text and "\nRTX 3090 " in text and "RTX 3090 *" not in text
+    assert ("* RTX 4090: calibrated (genesis plan calibrate) from benchmarks/results/plan_calibration-nvidia-geforce-"
+            "rtx-4090.json on 2026-12-07: matmul [0.4, 0.5], allocator reserve 8.0%, CUDA context 0.45 GiB") in text
+    assert "(every card not marked *): matmul [0.55, 0.78]" in text
