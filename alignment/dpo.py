@@ -46,6 +46,7 @@ from alignment.sft import (  # noqa: E402
     genesis_trainer,
     log_launch_env,
     model_init_kwargs,
+    plan_check,
     run_script,
     save_final,
     take_compile,
@@ -73,6 +74,10 @@ class DPOScriptArguments:
     )
     constitution: str = field(
         default=str(DEFAULT_CONSTITUTION), metadata={"help": "Constitution YAML recorded in the model card."}
+    )
+    ignore_plan: bool = field(
+        default=False,
+        metadata={"help": "On CUDA, go ahead even when `genesis plan` predicts this launch does not fit the GPUs."},
     )
 
 
@@ -138,7 +143,7 @@ def reference_report(ref_model) -> dict:
                           "training": ref_model.training}}
 
 
-def genesis_dpo_trainer():
+def genesis_dpo_trainer(ignore_plan: bool = False):
     """genesis_trainer(DPOTrainer) that shards the reference model it is given per decoder layer
     (`shard_reference`) as soon as its Accelerator exists under FSDP2: inside Trainer.__init__,
     before DPOTrainer's own `prepare_fsdp` would wrap it whole. Not with `precompute_ref_log_probs`:
@@ -146,7 +151,7 @@ def genesis_dpo_trainer():
     from accelerate.utils import DistributedType
     from trl import DPOTrainer
 
-    class GenesisDPOTrainer(genesis_trainer(DPOTrainer)):
+    class GenesisDPOTrainer(genesis_trainer(DPOTrainer, stage="dpo", ignore_plan=ignore_plan)):
         def __init__(self, *args, ref_model=None, **kwargs):
             self._reference_to_shard = ref_model
             super().__init__(*args, ref_model=ref_model, **kwargs)
@@ -184,13 +189,14 @@ def main(script_args: DPOScriptArguments, training_args, model_args) -> dict:
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     ref_model = load_reference(script_args, model_args, training_args)
     compile_kwargs = take_compile(training_args)
-    trainer = genesis_dpo_trainer()(  # FSDP: the reference model is sharded in here, under our policy
+    trainer = genesis_dpo_trainer(script_args.ignore_plan)(  # FSDP: the reference model is sharded in here, under our policy
         model=model_args.model_name_or_path,
         ref_model=ref_model,
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,
     )
+    plan_check(trainer, training_args.output_dir)
     compiled = compile_layers(trainer.model, compile_kwargs) if compile_kwargs else 0  # the policy, not the reference
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     report = fsdp_report(trainer, compiled, reference_report(trainer.ref_model))
@@ -218,6 +224,11 @@ def make_parser():
 
 
 def parse(argv: list[str] | None = None):
+    import sys
+
+    from alignment.sft import PARSED_ARGV
+
+    PARSED_ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     return make_parser().parse_args_and_config(args=argv)
 
 

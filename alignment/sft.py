@@ -81,6 +81,10 @@ class SFTScriptArguments:
     constitution: str = field(
         default=str(DEFAULT_CONSTITUTION), metadata={"help": "Constitution YAML recorded in the model card."}
     )
+    ignore_plan: bool = field(
+        default=False,
+        metadata={"help": "On CUDA, go ahead even when `genesis plan` predicts this launch does not fit the GPUs."},
+    )
 
 
 def load_mixture(script_args, tokenizer):
@@ -114,19 +118,69 @@ def load_mixture(script_args, tokenizer):
                                          "truncated": sum(s["truncated"] for s in stats)}
 
 
-def genesis_trainer(trainer_cls):
+def genesis_trainer(trainer_cls, stage: str | None = None, ignore_plan: bool = False):
     """`trainer_cls` (SFTTrainer, DPOTrainer) applying Genesis's FSDP rules as soon as its Accelerator
     exists: refuse a config that asked for FSDP and did not get it, then install the precision policy.
-    Not later: DPOTrainer wraps its reference model with `fully_shard` inside its own __init__."""
+    Not later: DPOTrainer wraps its reference model with `fully_shard` inside its own __init__.
+
+    With `stage` ("sft", "dpo"), on CUDA: the `genesis plan` preflight for this launch, before any
+    model is wrapped or moved (training/plan/preflight.py): its line is logged, a launch predicted
+    not to fit is refused (`PlanRefused`, exit 2) unless `ignore_plan`; the plan is kept on the
+    trainer as `genesis_plan` for `PlanCheck`."""
 
     class Trainer(trainer_cls):
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
             require_granted_fsdp(self.accelerator)
             use_genesis_policy(self.accelerator)
+            self.genesis_plan = None
+            if stage is not None:
+                from types import SimpleNamespace
+
+                from training.plan.preflight import preflight
+
+                self.genesis_plan = preflight(SimpleNamespace(ignore_plan=ignore_plan), self.accelerator,
+                                              argv=list(PARSED_ARGV) or None, align=stage)
 
     Trainer.__name__ = Trainer.__qualname__ = f"Genesis{trainer_cls.__name__}"
     return Trainer
+
+
+def plan_check(trainer, output_dir: str) -> None:
+    """After 10 optimizer steps, log `genesis plan`'s prediction beside what this run measured (peak
+    allocated / reserved memory, step time and tokens/s) and write it to <output_dir>/plan_vs_measured.json
+    (main process). Only when the preflight made a plan (CUDA, a known card)."""
+    from transformers import TrainerCallback
+
+    plan = getattr(trainer, "genesis_plan", None)
+    if plan is None:
+        return
+
+    class PlanCheck(TrainerCallback):
+        start = None  # (time, TRL's token count) at the end of step 1: compile and warm-up excluded
+
+        def on_step_end(self, args, state, control, **kwargs):
+            import time
+
+            from training.plan.preflight import compare_line
+
+            now, tokens = time.perf_counter(), getattr(trainer, "_total_train_tokens", None)
+            if state.global_step == 1:
+                self.start = (now, tokens)
+            elif self.start is not None and state.global_step >= 11 and not plan.get("compared"):
+                plan["compared"] = True
+                t0, n0 = self.start
+                steps, dt = state.global_step - 1, now - t0
+                tok_s = (tokens - n0) / dt if tokens is not None and n0 is not None and dt > 0 else None
+                rec = compare_line(plan, {"step": state.global_step, "tok_s": tok_s}, trainer.accelerator.device)
+                rec |= {"measured_step_s": dt / steps, "predicted_step_s": plan["time"].get("step_s"),
+                        "stage": plan.get("setting", {}).get("workload"),
+                        "note": "measured tokens are TRL's count of real tokens; the plan's rows are max_length long"}
+                if trainer.accelerator.is_main_process:
+                    Path(output_dir).mkdir(parents=True, exist_ok=True)
+                    (Path(output_dir) / "plan_vs_measured.json").write_text(json.dumps(rec, indent=2) + "\n")
+
+    trainer.add_callback(PlanCheck())
 
 
 def log_launch_env() -> None:
@@ -265,11 +319,24 @@ def run_script(main, parse) -> None:
     tearing down the interpreter (see `end_run`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        main(*parse())
+        from training.plan.preflight import PlanRefused
+
+        try:
+            main(*parse())
+        except PlanRefused as e:
+            logger.error("%s", e)
+            print(f"genesis: {e}", file=sys.stderr)
+            sys.exit(2)
         return
+    from training.plan.preflight import PlanRefused
+
     rc = 0
     try:
         main(*parse())
+    except PlanRefused as e:  # one line, as pretrain.py refuses
+        logger.error("%s", e)
+        print(f"genesis: {e}", file=sys.stderr)
+        rc = 2
     except Exception:  # noqa: BLE001  (printed, then a non-zero exit that no destructor can block)
         traceback.print_exc()
         rc = 1
@@ -299,12 +366,13 @@ def main(script_args: SFTScriptArguments, training_args, model_args) -> dict:
 
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     compile_kwargs = take_compile(training_args)
-    trainer = genesis_trainer(SFTTrainer)(
+    trainer = genesis_trainer(SFTTrainer, stage="sft", ignore_plan=script_args.ignore_plan)(
         model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,
     )
+    plan_check(trainer, training_args.output_dir)
     compiled = compile_layers(trainer.model, compile_kwargs) if compile_kwargs else 0
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     report = fsdp_report(trainer, compiled)
@@ -330,7 +398,13 @@ def make_parser():
     return TrlParser((SFTScriptArguments, SFTConfig, ModelConfig))
 
 
+# The arguments of the last `parse`: the preflight plans this launch with them (a cycle runs SFT and DPO
+# in its own process, where sys.argv is the cycle's).
+PARSED_ARGV: list[str] = []
+
+
 def parse(argv: list[str] | None = None):
+    PARSED_ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     return make_parser().parse_args_and_config(args=argv)
 
 

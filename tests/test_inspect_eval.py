@@ -170,3 +170,21 @@ def test_report_throughput_mfu_and_a_stopped_run(tmp_path):
     assert "tokens seen: 10,240" in md  # from the last record that has tokens
     assert "- stopped: step 11: non-finite loss or gradients" in md
     assert "No committed checkpoint" in md and "--no-eval" in md
+
+
+def test_report_shows_the_plan_beside_the_measurement(tmp_path):
+    """pretrain.py's plan_vs_measured record (written after step 10 on CUDA) becomes a table."""
+    run = tmp_path / "gpu-run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 5.0 - 0.1 * s, "lr": 3e-4, "tokens": s * 1024, "tok_s": 15000.0} for s in range(1, 13)]
+    gib = 2**30
+    rows.insert(10, {"step": 10, "event": "plan_vs_measured", "predicted_peak_allocated": 11 * gib,
+                     "predicted_device_total": 13 * gib, "predicted_tokens_per_s": 15000.0,
+                     "predicted_tokens_per_s_range": [12000.0, 17000.0], "measured_tokens_per_s": 16500.0,
+                     "measured_max_memory_allocated": int(11.55 * gib), "measured_max_memory_reserved": 12 * gib})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert report_main([str(run), "--no-eval"]) == 0
+    md = (run / "report" / "README.md").read_text()
+    assert "## Plan against measured" in md
+    assert "| 10 | peak allocated | 11.00 GiB | 11.55 GiB | 1.05 |" in md
+    assert "| 10 | tokens/s, all GPUs | 15,000 | 16,500 | 1.10 | range 12,000-17,000: inside" in md

@@ -147,3 +147,22 @@ def test_fit_with_no_setting_that_fits_says_so_with_the_smallest_peak():
     assert out.returncode == 1, out.stderr[-2000:]
     assert "NO setting fits" in out.stdout and "smallest predicted card total" in out.stdout
     assert "would need a card of" in out.stdout
+
+
+def test_fit_picks_the_fastest_setting_that_fits_and_keeps_the_tokens_per_step():
+    """One GPU, 2 sequences per step: micro-batch 1 x 2 or 2 x 1, under each checkpointing policy. The
+    best is the fastest of those that fit, printed as flags whose product keeps the recipe's sequences;
+    the next three follow in falling order with why they lost."""
+    out = _plan("--config", str(ROOT / "training" / "recipes" / "debug.yaml"), "--hardware", str(SINGLE), "--gpu",
+                "RTX 4090", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--fit", "--json",
+                timeout=400)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    best, rest = r["best"], r["next"]
+    assert best["fits"] and best["memory"]["predicted_device_total"] <= best["memory"]["vram"] * (1 - r["margin"])
+    s = best["setting"]
+    assert s["per_device_train_batch_size"] * s["gradient_accumulation_steps"] == 2
+    assert f"--per_device_train_batch_size {s['per_device_train_batch_size']}" in best["flags"]
+    assert len(rest) == 3 and all("of the best's tokens/s" in n["lost_because"] for n in rest)
+    speeds = [best["time"]["tokens_per_s"]] + [n["time"]["tokens_per_s"] for n in rest]
+    assert speeds == sorted(speeds, reverse=True)

@@ -109,6 +109,7 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, *, evalu
     md += [f"| {_fmt(_median(run, 'tok_s'))} | {_fmt(_median(run, 'tok_s_per_device'))} | "
            f"{f'{mfu:.1%}' if mfu is not None else 'n/a (' + str(config.get('peak_flops_note', 'no GPU peak')) + ')'}"
            f" | {_fmt(mem) if mem is not None else 'n/a'} |", "", f"![throughput]({speed.name})", ""]
+    md += _plan_section(run)
     md += ["## Loss curve", "", f"![curves]({curves.name})", "",
            "Dashed lines: resumes; broad faint bands: extensions; triangles: checkpoints on disk.", ""]
     md += ["## Checkpoints", ""]
@@ -125,6 +126,38 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, *, evalu
     tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
     os.replace(tmp, output)
     return output
+
+
+def _plan_section(run) -> list[str]:
+    """`genesis plan`'s preflight prediction beside what the run measured (the plan_vs_measured record
+    pretrain.py writes after step 10 on CUDA)."""
+    recs = [r for r in run.side_records if r.get("event") == "plan_vs_measured"]
+    if not recs:
+        return []
+    gib = 2**30
+    out = ["## Plan against measured", "",
+           "`genesis plan`'s prediction for this launch (the preflight before step 1) and what the run measured at "
+           "the step shown.", "", "| step | quantity | predicted | measured | measured / predicted |", "|---|---|---|---|---|"]
+
+    def row(step, name, pred, meas, unit, scale=1.0):
+        ratio = f"{meas / pred:.2f}" if pred and meas is not None else "n/a"
+        spec = ",.2f" if unit else ",.0f"
+        p = f"{format(pred / scale, spec)} {unit}".strip() if pred is not None else "n/a"
+        m = f"{format(meas / scale, spec)} {unit}".strip() if meas is not None else "n/a (no CUDA)"
+        return f"| {step} | {name} | {p} | {m} | {ratio} |"
+
+    for r in recs:
+        lo, hi = (r.get("predicted_tokens_per_s_range") or [None, None])[:2]
+        out.append(row(r["step"], "peak allocated", r.get("predicted_peak_allocated"),
+                       r.get("measured_max_memory_allocated"), "GiB", gib))
+        out.append(row(r["step"], "card total (pred.) / reserved (meas.)", r.get("predicted_device_total"),
+                       r.get("measured_max_memory_reserved"), "GiB", gib))
+        tps = row(r["step"], "tokens/s, all GPUs", r.get("predicted_tokens_per_s"), r.get("measured_tokens_per_s"), "")
+        if lo is not None and hi is not None:
+            inside = r.get("measured_tokens_per_s") is not None and lo <= r["measured_tokens_per_s"] <= hi
+            tps += f" range {lo:,.0f}-{hi:,.0f}: {'inside' if inside else 'outside'}"
+        out.append(tps)
+    return out + [""]
 
 
 def _saves_section(run) -> list[str]:

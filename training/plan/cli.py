@@ -6,6 +6,8 @@
     genesis plan ... --json                  # the same numbers as JSON
     genesis plan ... --fit                   # the fastest setting that fits, as flags for pretrain.py
     genesis plan --gpu list                  # the GPU profiles (training/plan/gpus.yaml)
+    genesis plan --align sft --config alignment/recipes/sft-genesis-1b.yaml --hardware ... --gpu "RTX 4090" \
+        --model_config training/recipes/genesis-1b.yaml   # TRL SFT (or dpo: policy + reference model)
     genesis plan ... --gpu mycard --vram-gb 20 --tflops 120   # an unlisted card
 
 Nothing is allocated and no GPU is needed: the training step is traced on fake tensors with a fake
@@ -39,7 +41,8 @@ def read_hardware(path: str | Path, num_processes: int | None = None) -> dict:
     if not path.is_file():
         raise PlanError(f"--hardware {path}: file not found")
     cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    dist_type = str(cfg.get("distributed_type", "NO"))
+    dist_type = cfg.get("distributed_type", "NO")
+    dist_type = "NO" if dist_type is False else str(dist_type)  # an unquoted NO reads as YAML's false
     machines = int(cfg.get("num_machines", 1) or 1)
     world = int(num_processes if num_processes is not None else cfg.get("num_processes", 1) or 1)
     if world < 1:
@@ -55,7 +58,7 @@ def read_hardware(path: str | Path, num_processes: int | None = None) -> dict:
     if dist_type == "FSDP" and int(fsdp.get("fsdp_version", 2)) != 2:
         raise PlanError(f"{path}: fsdp_config.fsdp_version {fsdp.get('fsdp_version')}: Genesis runs FSDP2 only")
     return {"path": str(path), "fsdp": dist_type == "FSDP", "world_size": world, "num_machines": machines,
-            "mixed_precision": str(cfg.get("mixed_precision", "no")),
+            "mixed_precision": "no" if cfg.get("mixed_precision") in (None, False) else str(cfg["mixed_precision"]),
             "reshard_after_forward": bool(fsdp.get("fsdp_reshard_after_forward", True)),
             "activation_checkpointing": bool(fsdp.get("fsdp_activation_checkpointing", False))}
 
@@ -93,12 +96,14 @@ _CACHE: dict = {}
 
 def plan(config, setting: Setting, prof: GPUProfile, *, num_machines: int = 1, layers: tuple[int, int] = (2, 3)):
     """Trace (cached per setting) and predict. Returns a predict.Prediction."""
+    from dataclasses import replace
+
     from training.metrics import flops_per_token
     from training.plan.predict import predict
     from training.plan.trace import extrapolate, trace_model
 
-    key = (config.to_json_string(), setting.micro_batch, setting.seq_len, setting.world_size, setting.grad_accum > 1,
-           setting.activation_checkpointing, setting.reshard_after_forward, setting.fsdp, setting.mixed_precision, layers)
+    # the memory and kernels of a step do not depend on how many micro-batches accumulate beyond two, nor on saves
+    key = (config.to_json_string(), replace(setting, grad_accum=min(setting.grad_accum, 2), save_mode=""), layers)
     if key not in _CACHE:
         a = trace_model(config, setting, layers[0])
         b = trace_model(config, setting, layers[1])
@@ -146,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--fit", action="store_true", help="search the fastest setting that fits (training/plan/fit.py)")
     p.add_argument("--margin", type=float, default=0.05, help="--fit: keep this fraction of the card free (default 0.05)")
+    p.add_argument("--align", choices=("sft", "dpo"), default=None,
+                   help="plan TRL alignment (alignment/sft.py or dpo.py) with an alignment recipe as --config")
+    p.add_argument("--model_config", default=None,
+                   help="--align: the model's architecture when the recipe's model_name_or_path has no config.json "
+                        "yet: a model folder, a config.json, or a pretraining recipe (training/recipes/*.yaml)")
     return p
 
 
@@ -170,8 +180,17 @@ def cli_main(argv: list[str] | None = None) -> int:
     try:
         prof = resolve_gpu(ns.gpu, ns.vram_gb, ns.tflops, ns.link)
         hw = read_hardware(ns.hardware, ns.num_processes)
-        args, config = read_recipe(ns.config, overrides)
-        setting = setting_for(args, hw)
+        if ns.align:
+            from training.plan.align import model_config, read_align_recipe, setting_for_align
+
+            script_args, training_args, model_args = read_align_recipe(ns.align, ns.config, overrides)
+            config = model_config(model_args, ns.model_config)
+            setting = setting_for_align(ns.align, training_args, model_args, script_args, hw)
+        else:
+            if ns.model_config:
+                raise PlanError("--model_config is for --align: a pretraining recipe defines its model itself")
+            args, config = read_recipe(ns.config, overrides)
+            setting = setting_for(args, hw)
         if ns.fit:
             from training.plan.fit import fit, fit_text
 

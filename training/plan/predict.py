@@ -41,10 +41,11 @@ class Prediction:
             "setting": {"per_device_train_batch_size": self.setting.micro_batch,
                         "gradient_accumulation_steps": self.setting.grad_accum, "seq_len": self.setting.seq_len,
                         "activation_checkpointing": self.setting.activation_checkpointing,
-                        "reshard_after_forward": self.setting.reshard_after_forward, "save_mode": self.setting.save_mode},
+                        "reshard_after_forward": self.setting.reshard_after_forward, "save_mode": self.setting.save_mode,
+                        "workload": self.setting.workload},
             "memory": {"params": m["params"], "grads": m["grads"], "optimizer": m["optimizer"],
                        "activations": m["activations"], "loss": m["loss"], "temporary": m["temporary"],
-                       "peak_allocated": m["peak_allocated"], "predicted_device_total": m["predicted_device_total"],
+                       "reference": m["reference"], "peak_allocated": m["peak_allocated"], "predicted_device_total": m["predicted_device_total"],
                        "vram": m["vram"], "host_staging_per_rank": self.host_staging, "peak_phase": self.peak_phase},
             "fits": self.fits,
             "time": {k: self.time[k] for k in ("step_s", "tokens_per_s", "tokens_per_s_range", "mfu", "exposed_comm_s")}
@@ -76,7 +77,7 @@ def predict(ex: dict, setting: Setting, prof: GPUProfile, *, flops_per_token: fl
     vram = prof.vram_bytes
     memory = {"params": cats["params_sharded"] + cats["params_unsharded"] + cats["buffers"], "grads": cats["grads"],
               "optimizer": cats["optimizer"], "activations": cats["activations"], "loss": cats["loss"],
-              "temporary": cats["temporary"], "peak_allocated": peak, "predicted_device_total": device_total,
+              "temporary": cats["temporary"], "reference": cats.get("reference", 0), "peak_allocated": peak, "predicted_device_total": device_total,
               "vram": vram, "by_category": dict(cats),
               "segments": {k: v["peak_total"] for k, v in segs.items()}}
     steady = ex["_steady"]
@@ -132,26 +133,35 @@ def table(p: Prediction) -> str:
     """The human table `genesis plan` prints."""
     m, t, s = p.memory, p.time, p.setting
     c = m["by_category"]
+    what = {"pretrain": "pretraining", "sft": "SFT (TRL SFTTrainer)",
+            "dpo": "DPO (TRL DPOTrainer" + (", policy + reference model)" if s.reference else ", reference precomputed)")}
+    unit = " pairs" if s.workload == "dpo" else ""
     lines = [
-        f"plan: {p.world_size} x {p.gpu}, micro-batch {s.micro_batch} x accumulation {s.grad_accum} x {s.seq_len} tokens "
+        f"plan, {what[s.workload]}: {p.world_size} x {p.gpu}, micro-batch {s.micro_batch}{unit} x accumulation {s.grad_accum} x {s.seq_len} tokens "
         f"({s.tokens_per_step:,} tokens/step), activation checkpointing {s.activation_checkpointing}, "
-        f"reshard_after_forward {s.reshard_after_forward}, save {s.save_mode}",
+        f"reshard_after_forward {s.reshard_after_forward}, "
+        + (f"save {s.save_mode}" if s.workload == "pretrain" else "saves by the Trainer"),
         f"traced on fake tensors at {p.layers[0]} and {p.layers[1]} layers, extrapolated to {p.layers[2]} (exact: "
         "every layer is the same FSDP unit)",
         "",
         "memory per GPU (at the peak)",
     ]
-    rows = [("sharded params (fp32)", c["params_sharded"] + c["buffers"]), ("unsharded params (bf16, gathered)", c["params_unsharded"]),
+    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[s.param_dtype]
+    rows = [(f"{'sharded ' if s.fsdp else ''}params ({dtype})", c["params_sharded"] + c["buffers"]), ("unsharded params (bf16, gathered)", c["params_unsharded"]),
             ("gradients (sharded + unsharded fp32)", c["grads"]), ("optimizer state (AdamW)", c["optimizer"]),
             ("activations", c["activations"]), ("temporaries (incl. no_sync fp32 gradient accumulators)", c["temporary"]),
-            ("loss (chunked, its own peak)", c["loss"])]
+            ("loss (chunked, its own peak)" if s.workload == "pretrain" else "loss (TRL's fused log-prob head, its own peak)",
+             c["loss"])]
+    if s.reference:
+        rows.append(("reference model (bf16 shards; DPO)", c.get("reference", 0)))
     lines += [f"  {k:<56} {gib(v):>11}" for k, v in rows]
     lines += [
         f"  {'peak allocated':<56} {gib(m['peak_allocated']):>11}   at: {p.peak_phase}",
         f"  {'predicted device total (reserve, CUDA context, NCCL)':<56} {gib(m['predicted_device_total']):>11}",
         f"  {'card':<56} {gib(m['vram']):>11}",
         f"  {'headroom':<56} {gib(p.headroom):>11}   -> {'FITS' if p.fits else 'DOES NOT FIT'}",
-        f"  {'host memory per rank for async save staging':<56} {gib(p.host_staging):>11}",
+        f"  {'host memory per rank for async save staging':<56} {gib(p.host_staging):>11}"
+        + ("" if s.workload == "pretrain" else "   (the Trainer saves synchronously)"),
         "",
         "time",
         f"  step {t['step_s']:.2f} s = compute {t['compute_s']:.2f} s + exposed communication {t['exposed_comm_s']:.2f} s "

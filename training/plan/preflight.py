@@ -1,4 +1,4 @@
-"""Preflight: before step 1 on CUDA, pretrain.py asks the planner about this very launch.
+"""Preflight: before step 1 on CUDA, pretrain.py (and alignment/sft.py, dpo.py) ask the planner about this launch.
 
 It logs the plan's one line and refuses a setting predicted not to fit (one line with the numbers
 and the `genesis plan --fit` command), unless the user says to go ahead anyway: `--ignore_plan`
@@ -22,6 +22,10 @@ from training.plan.profiles import GIB, lookup, names
 
 logger = logging.getLogger("training.pretrain")
 ROOT = Path(__file__).resolve().parents[2]
+
+
+class PlanRefused(ValueError):
+    """The plan says this launch does not fit its GPUs (and --ignore_plan was not given)."""
 
 
 # The words of torch.cuda.get_device_name() that name each profile ("NVIDIA GeForce RTX 4090",
@@ -65,9 +69,10 @@ def hardware_yaml(accelerator) -> str:
 
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     plugin = accelerator.state.fsdp_plugin if fsdp else None
-    lines = [f"distributed_type: {'FSDP' if fsdp else 'NO'}", f"num_processes: {accelerator.num_processes}",
+    # 'NO' and 'no' quoted: bare, they are YAML's false
+    lines = [f"distributed_type: {'FSDP' if fsdp else repr('NO')}", f"num_processes: {accelerator.num_processes}",
              f"num_machines: {max(1, accelerator.num_processes // int(os.environ.get('LOCAL_WORLD_SIZE', accelerator.num_processes)))}",
-             f"mixed_precision: {accelerator.mixed_precision}"]
+             f"mixed_precision: '{accelerator.mixed_precision}'"]
     if fsdp:
         lines += ["fsdp_config:", "  fsdp_version: 2",
                   f"  fsdp_reshard_after_forward: {str(bool(plugin.reshard_after_forward)).lower()}",
@@ -75,9 +80,11 @@ def hardware_yaml(accelerator) -> str:
     return "\n".join(lines) + "\n"
 
 
-def preflight(args, accelerator, argv: list[str] | None = None) -> dict | None:
-    """On CUDA: log the plan's line; raise ValueError (pretrain exits 2) when it does not fit.
-    Returns the plan's JSON (None off CUDA or when the card is not in the table)."""
+def preflight(args, accelerator, argv: list[str] | None = None, align: str | None = None) -> dict | None:
+    """On CUDA: log the plan's line; raise PlanRefused (a ValueError: the scripts exit 2) when it does not
+    fit. `argv`: the launch's own arguments (default sys.argv[1:]); `align`: "sft" or "dpo" for the
+    alignment scripts (their recipe and TRL arguments). Returns the plan's JSON (None off CUDA or when
+    the card is not in the table)."""
     import torch
     from accelerate.utils import broadcast_object_list
 
@@ -91,7 +98,7 @@ def preflight(args, accelerator, argv: list[str] | None = None) -> dict | None:
         if name is None:
             logger.warning("plan: %s is not in training/plan/gpus.yaml; no preflight prediction", props.name)
         else:
-            box = [_run_plan(name, props.total_memory, accelerator, argv)]
+            box = [_run_plan(name, props.total_memory, accelerator, argv, align)]
     if accelerator.num_processes > 1:
         broadcast_object_list(box, from_process=0)
     plan_json = box[0]
@@ -99,14 +106,15 @@ def preflight(args, accelerator, argv: list[str] | None = None) -> dict | None:
         return None
     go, line = decide(plan_json, ignore)
     if not go:
-        raise ValueError(line)
+        raise PlanRefused(line)
     logger.info("%s", line)
     return plan_json
 
 
-def _run_plan(name: str, total_memory: int, accelerator, argv: list[str] | None) -> dict | None:
+def _run_plan(name: str, total_memory: int, accelerator, argv: list[str] | None, align: str | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    argv = [a for a in argv if a != "--ignore_plan"]
+    if align:
+        argv = ["--align", align, *argv]
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(hardware_yaml(accelerator))
     cmd = [sys.executable, "-m", "training.plan.cli", "--hardware", f.name, "--gpu", name,

@@ -41,7 +41,8 @@ CATEGORIES = {
     "OptState": "optimizer", "Activation": "activations", "Inputs": "activations", "Temp": "temporary",
     "Parameter": "params_sharded", "Gradient": "grads", "Optstate": "optimizer", "Other": "temporary",
 }
-KEYS = ("params_sharded", "params_unsharded", "buffers", "grads", "optimizer", "activations", "temporary", "loss")
+KEYS = ("params_sharded", "params_unsharded", "buffers", "grads", "optimizer", "activations", "temporary", "loss",
+        "reference")
 SEGMENTS = ("accumulate", "last_micro_batch", "optimizer_step")
 
 
@@ -58,10 +59,21 @@ class Setting:
     save_mode: str = "async"
     mixed_precision: str = "bf16"
     fsdp: bool = True  # distributed_type FSDP; False: one process, autocast (single_gpu.yaml)
+    # What trains: pretrain.py, or TRL's SFTTrainer / DPOTrainer as alignment/sft.py and dpo.py run them.
+    workload: str = "pretrain"  # pretrain | sft | dpo
+    # The policy's parameter dtype: Accelerate's FSDP2 upcasts a bf16 checkpoint to fp32 master weights
+    # (fsdp_utils.py `fsdp2_prepare_model`); one process with `dtype: bfloat16` trains in bf16.
+    param_dtype: str = "float32"
+    reference: bool = False  # DPO: a frozen reference model runs beside the policy (bf16, sharded per layer)
+
+    @property
+    def sequences_per_micro_batch(self) -> int:
+        """Rows of one micro-batch: DPO concatenates each pair's chosen and rejected answers."""
+        return self.micro_batch * (2 if self.workload == "dpo" else 1)
 
     @property
     def tokens_per_step(self) -> int:
-        return self.micro_batch * self.grad_accum * self.seq_len * self.world_size
+        return self.sequences_per_micro_batch * self.grad_accum * self.seq_len * self.world_size
 
 
 @dataclass
@@ -87,6 +99,12 @@ class Trace:
     num_layers: int
     segments: dict[str, SegmentTrace]
     steady: dict[str, int]  # bytes by category after the step (what stays: params, optimizer)
+    reference_bytes: int = 0  # DPO: the reference model's parameter shards on this rank (in params_sharded)
+
+
+# The per-token fields TRL's trainers ask of the fused LM head (trl/trainer/sft_trainer.py and
+# dpo_trainer.py, `add_fused_lm_head(..., outputs=...)`); the reference model gets the default.
+FUSED_OUTPUTS = {"sft": ("log_probs", "entropy", "is_top1"), "dpo": ("log_probs", "entropy", "mean_logits", "is_top1")}
 
 
 class _Counter(TorchDispatchMode):
@@ -163,7 +181,11 @@ def build_wrapped_model(config, setting: Setting, mesh):
     from training.fsdp import genesis_policy
 
     with torch.device("meta"):
-        model = GenesisForCausalLM(config).float()  # Accelerate upcasts to fp32 master weights
+        model = GenesisForCausalLM(config).to(getattr(torch, setting.param_dtype))  # fp32: Accelerate's upcast
+    if setting.workload in FUSED_OUTPUTS:  # TRL patches the forward in the trainer's __init__, before prepare
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model, outputs=FUSED_OUTPUTS[setting.workload])
     layers = model.model.layers
     for i, layer in enumerate(layers):
         if setting.activation_checkpointing == "full" or (setting.activation_checkpointing == "alternate" and i % 2 == 0):
@@ -176,6 +198,36 @@ def build_wrapped_model(config, setting: Setting, mesh):
             fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=setting.reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=setting.reshard_after_forward)
     return model
+
+
+def build_reference(config, setting: Setting, mesh):
+    """DPO's reference model as alignment/dpo.py holds it: loaded in bf16, frozen, `fully_shard` per decoder
+    layer and at the root with the policy's precision policy, resharded after every forward
+    (`shard_reference`), in eval mode, with TRL's fused LM head (log-probs only)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from genesis_hf import GenesisForCausalLM
+    from training.fsdp import genesis_policy
+
+    with torch.device("meta"):
+        ref = GenesisForCausalLM(config).to(torch.bfloat16)
+    ref.requires_grad_(False)
+    if setting.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        policy = genesis_policy(setting.mixed_precision)
+        for layer in ref.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+        fully_shard(ref, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    ref.eval()
+    add_fused_lm_head(ref)
+    return ref
+
+
+def _local_bytes(module) -> int:
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in module.parameters())
 
 
 @contextlib.contextmanager
@@ -217,41 +269,83 @@ def trace_model(config, setting: Setting, num_layers: int, *, private_mode: bool
         else:
             mesh = stack.enter_context(fake_process_group(setting.world_size)) if setting.fsdp else None
         model = build_wrapped_model(cfg, setting, mesh)
+        ref = build_reference(cfg, setting, mesh) if setting.reference else None
         if fake and private_mode:
             stack.enter_context(_private_dtensor_fake_mode())
         if fake:
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         model.to_empty(device="cpu")
+        if ref is not None:
+            ref.to_empty(device="cpu")
         if not fake:
             with torch.no_grad():
-                for p in model.parameters():
+                for p in [*model.parameters(), *(ref.parameters() if ref is not None else [])]:
                     p.normal_(0.0, 0.02)  # real values: the memory does not depend on them
         if not setting.fsdp:  # to_empty replaces each module's tensor: tie the head to the embedding again
             model.tie_weights()
+            if ref is not None:
+                ref.tie_weights()
         model.train()
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                       lr=1e-4, betas=(0.9, 0.95), foreach=True)  # CUDA's default
         tracker = _make_tracker(model, optimizer, setting)
+        if ref is not None and not setting.fsdp:
+            # MemTracker's forward hook puts a gradient hook on every parameter it meets, which a frozen
+            # one refuses; the reference only runs under no_grad, so asking for grads changes nothing.
+            ref.requires_grad_(True)
+            tracker.track_external(ref)
         counter = _Counter()
         loss_peak = [0]
-        real_loss = modeling.causal_lm_loss
+        loss_calls = {"forward": 0, "backward": 0}  # per segment: DPO runs the fused head twice (policy, reference)
 
-        def measured_loss(*args, **kwargs):  # the loss's own peak above what was live before it
-            before = _tracker_total(tracker)
-            at_start = _categories(tracker.get_tracker_snapshot("current"))
-            saved = (dict(tracker._peak_mem), dict(tracker._peak_mem_snap))
-            _restart_peak(tracker)
-            out = real_loss(*args, **kwargs)
-            loss_peak[0] = max(loss_peak[0], max(tracker._peak_mem.values(), default=0) - before)
-            if counter.seg is not None:
-                counter.seg.candidates[("loss", "peak", 0)] = {**at_start, "loss": loss_peak[0]}
-            if max(saved[0].values(), default=0) > max(tracker._peak_mem.values(), default=0):
-                tracker._peak_mem, tracker._peak_mem_snap = saved
-            return out
+        def measured(real, when: str = "forward"):
+            """`real` (the loss: our chunked loss, or TRL's fused log-prob head, forward or backward) with
+            its own peak above what was live before it recorded as the "loss" category of a candidate:
+            no module hook sees inside it, and the head's backward runs before any layer's."""
+            def wrapper(*args, **kwargs):
+                before = _tracker_total(tracker)
+                at_start = _categories(tracker.get_tracker_snapshot("current"))
+                saved = (dict(tracker._peak_mem), dict(tracker._peak_mem_snap))
+                _restart_peak(tracker)
+                out = real(*args, **kwargs)
+                own = max(tracker._peak_mem.values(), default=0) - before
+                loss_peak[0] = max(loss_peak[0], own)
+                if counter.seg is not None:
+                    counter.seg.candidates[("loss", when, loss_calls[when])] = {**at_start, "loss": own}
+                    loss_calls[when] += 1
+                if max(saved[0].values(), default=0) > max(tracker._peak_mem.values(), default=0):
+                    tracker._peak_mem, tracker._peak_mem_snap = saved
+                return out
+            return wrapper
 
-        stack.enter_context(mock.patch.object(modeling, "causal_lm_loss", measured_loss))
+        if ref is not None:  # its eval-mode input check reads ids on the host: no device memory, no fake values
+            stack.enter_context(mock.patch.object(modeling.GenesisModel, "_check_inputs", lambda *a, **k: None))
+        if setting.workload in FUSED_OUTPUTS:
+            import trl.kernels.chunked_logprob as chunked
+            import trl.trainer.utils as trl_utils
+
+            # On CUDA each logits tile is folded by a Triton kernel that works in registers (it reads the
+            # tile once; the backward rewrites it in place); this CPU trace would run TRL's torch fallback,
+            # whose fp32 temporaries (several [4096 x 32768] tiles) a GPU never allocates. Trace the GPU's.
+            def fold(passes: int):
+                def kernel(tile, *args, **kwargs):
+                    if counter.seg is not None:
+                        counter.seg.flops.append(0.0)
+                        counter.seg.bytes.append(float(passes * tile.numel() * tile.element_size()))
+                return kernel
+
+            stack.enter_context(mock.patch.object(chunked, "_forward_tile", fold(1)))
+            stack.enter_context(mock.patch.object(chunked, "_backward_tile", fold(2)))
+
+            fused = trl_utils._ChunkedLogProbFunction
+            stack.enter_context(mock.patch.object(trl_utils, "_ChunkedLogProbFunction",
+                                                  type("Measured", (), {"apply": staticmethod(measured(fused.apply))})))
+            # autograd looks the backward up on the class when it runs
+            stack.enter_context(mock.patch.object(fused, "backward", staticmethod(measured(fused.backward, "backward"))))
+        else:
+            stack.enter_context(mock.patch.object(modeling, "causal_lm_loss", measured(modeling.causal_lm_loss)))
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if not setting.fsdp and setting.mixed_precision == "bf16"
                     else contextlib.nullcontext())
         segments: dict[str, SegmentTrace] = {}
@@ -264,12 +358,12 @@ def trace_model(config, setting: Setting, num_layers: int, *, private_mode: bool
                 seg = counter.seg = segments[kind] = SegmentTrace()
                 _restart_peak(tracker)
                 tracker.reset_mod_stats()
-                loss_peak[0] = 0
+                loss_peak[0] = loss_calls["forward"] = loss_calls["backward"] = 0
                 if setting.fsdp:
                     model.set_requires_gradient_sync(kind == "last_micro_batch")  # accelerator.no_sync
-                x = torch.randint(0, cfg.vocab_size, (setting.micro_batch, setting.seq_len))
+                x = torch.randint(0, cfg.vocab_size, (setting.sequences_per_micro_batch, setting.seq_len))
                 with autocast:
-                    loss = model(input_ids=x, shift_labels=x).loss
+                    loss = _micro_batch_loss(setting, model, ref, x)
                 (loss / setting.grad_accum).backward()
                 _close(seg, tracker, num_layers)
                 seg.loss_bytes = loss_peak[0]
@@ -282,7 +376,53 @@ def trace_model(config, setting: Setting, num_layers: int, *, private_mode: bool
             seg.phase = "optimizer step"
         counter.seg = None
         steady = _categories(tracker.get_tracker_snapshot("current"))
-    return Trace(num_layers=num_layers, segments=segments, steady=steady)
+        reference_bytes = _local_bytes(ref) if ref is not None else 0
+    if reference_bytes:
+        # FSDPMemTracker instruments one root: the reference's shards, re-made by FSDP2's lazy init in its
+        # first forward, are counted as activations from then on (one process: MemTracker counts them as
+        # parameters). In the reported (second) step they are live throughout: move them to their own
+        # category everywhere.
+        source = "activations" if setting.fsdp else "params_sharded"
+        for cats in [steady, *(c for seg in segments.values() for c in [seg.peak, *seg.candidates.values()])]:
+            moved = min(reference_bytes, cats.get(source, 0))
+            cats[source] -= moved
+            cats["reference"] = cats.get("reference", 0) + moved
+    return Trace(num_layers=num_layers, segments=segments, steady=steady, reference_bytes=reference_bytes)
+
+
+def _micro_batch_loss(setting: Setting, model, ref, x):
+    """One micro-batch's loss, computed as the trainer that runs `setting.workload` computes it.
+
+    pretrain: pretrain.py's call (our chunked loss on pre-shifted labels).
+    sft: SFTTrainer.compute_loss (TRL 1.16): the fused LM head's per-token log-probs, summed over the
+      tokens with labels, with its entropy and top-1 metrics. A packed row is traced as a row of
+      max_length with causal attention (the labels are all kept: assistant-only masking only removes
+      rows from the head's work, so this is the upper bound).
+    dpo: DPOTrainer._compute_loss: chosen and rejected rows in one forward through the fused head,
+      then the reference's forward under no_grad on the same rows, then the sigmoid loss on the
+      log-ratio margins plus the SFT (RPO) term on the chosen rows."""
+    if setting.workload == "pretrain":
+        return model(input_ids=x, shift_labels=x).loss
+    out = model(input_ids=x, labels=x, fused_lm_head=True, use_cache=False)
+    if setting.workload == "sft":
+        loss = -out.log_probs.sum() / out.label_mask.sum().clamp(min=1)
+        out.entropy.detach().sum()
+        out.is_top1.sum()
+        return loss
+    import torch.nn.functional as F
+
+    logps = out.log_probs.sum(dim=1)
+    if ref is not None:
+        with torch.no_grad():
+            ref_logps = ref(input_ids=x, labels=x, fused_lm_head=True, use_cache=False).log_probs.sum(dim=1)
+    else:  # precompute_ref_log_probs: the reference's numbers come with the batch
+        ref_logps = torch.zeros_like(logps)
+    chosen, rejected = logps.chunk(2)
+    ref_chosen, ref_rejected = ref_logps.chunk(2)
+    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+    n_chosen = out.label_mask.chunk(2)[0].sum(dim=1).clamp(min=1)
+    out.entropy.detach().sum()
+    return -F.logsigmoid(0.1 * margin).mean() + (-chosen / n_chosen).mean()
 
 
 def _make_tracker(model, optimizer, setting: Setting):
@@ -371,6 +511,7 @@ def extrapolate(a: Trace, b: Trace, num_layers: int) -> dict:
                      "reduce_scatter_bytes": lin(sa.reduce_scatter_bytes, sb.reduce_scatter_bytes),
                      "phase": _phase_name(name, where), "kernels": (sa, sb)}
     out["_steady"] = {k: lin(a.steady[k], b.steady[k]) for k in KEYS}
+    out["_reference_bytes"] = lin(a.reference_bytes, b.reference_bytes)
     out["_layers"] = (a.num_layers, b.num_layers, num_layers)
     return out
 
@@ -382,7 +523,9 @@ def _phase_name(segment: str, key: tuple) -> str:
         return seg
     what = key[0]
     if what == "loss":
-        return f"{seg}, forward: the loss"
+        if key[1] == "backward":
+            return f"{seg}, backward: the LM head's log-prob gradients"
+        return f"{seg}, forward: " + ("the reference model's log-probs" if key[2] == 1 else "the loss")
     state = key[1] if len(key) > 1 else ""
     direction = "backward" if "Backward" in state or "BW" in state else "forward"
     short = what.replace("._checkpoint_wrapped_module", "").split(".", 1)[-1] if "." in what else what
