@@ -38,7 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 CATEGORIES = {
     "Sharded Param": "params_sharded", "Unsharded Param": "params_unsharded", "All Gather": "params_unsharded",
     "Buffer": "buffers", "Sharded Grad": "grads", "Unsharded Grad": "grads", "Reduce Scatter": "grads",
-    "OptState": "optimizer", "Activation": "activations", "Inputs": "activations", "Temp": "temporary",
+    # "Inputs": the trace never calls track_inputs; it files DPO's reference shards under it (`trace_model`)
+    "OptState": "optimizer", "Activation": "activations", "Inputs": "reference", "Temp": "temporary",
     "Parameter": "params_sharded", "Gradient": "grads", "Optstate": "optimizer", "Other": "temporary",
 }
 KEYS = ("params_sharded", "params_unsharded", "buffers", "grads", "optimizer", "activations", "temporary", "loss",
@@ -291,7 +292,17 @@ def trace_model(config, setting: Setting, num_layers: int, *, private_mode: bool
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                       lr=1e-4, betas=(0.9, 0.95), foreach=True)  # CUDA's default
         tracker = _make_tracker(model, optimizer, setting)
-        if ref is not None and not setting.fsdp:
+        if ref is not None and setting.fsdp:
+            # FSDPMemTracker instruments one root. The reference's shards are filed by hand, after its
+            # lazy init (which re-pads shards that `to_empty` replaced: on fake tensors that allocates,
+            # and would be charged to its first forward as activations), under a category the trace
+            # does not otherwise use.
+            from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
+
+            ref._get_fsdp_state()._lazy_init()
+            for p in ref.parameters():
+                tracker._update_and_maybe_create_winfos(p.to_local(), _FSDPRefType.INP)
+        elif ref is not None:
             # MemTracker's forward hook puts a gradient hook on every parameter it meets, which a frozen
             # one refuses; the reference only runs under no_grad, so asking for grads changes nothing.
             ref.requires_grad_(True)
@@ -377,15 +388,12 @@ def trace_model(config, setting: Setting, num_layers: int, *, private_mode: bool
         counter.seg = None
         steady = _categories(tracker.get_tracker_snapshot("current"))
         reference_bytes = _local_bytes(ref) if ref is not None else 0
-    if reference_bytes:
-        # FSDPMemTracker instruments one root: the reference's shards, re-made by FSDP2's lazy init in its
-        # first forward, are counted as activations from then on (one process: MemTracker counts them as
-        # parameters). In the reported (second) step they are live throughout: move them to their own
-        # category everywhere.
-        source = "activations" if setting.fsdp else "params_sharded"
+    if reference_bytes and not setting.fsdp:
+        # One process: MemTracker files the reference's weights with the policy's parameters. They are
+        # live throughout the reported step: move them to their own category everywhere.
         for cats in [steady, *(c for seg in segments.values() for c in [seg.peak, *seg.candidates.values()])]:
-            moved = min(reference_bytes, cats.get(source, 0))
-            cats[source] -= moved
+            moved = min(reference_bytes, cats.get("params_sharded", 0))
+            cats["params_sharded"] -= moved
             cats["reference"] = cats.get("reference", 0) + moved
     return Trace(num_layers=num_layers, segments=segments, steady=steady, reference_bytes=reference_bytes)
 
