@@ -2,6 +2,7 @@
 so each traced setting is shared by every card). Prints markdown for docs/benchmarks.md ("Plan").
 
     python benchmarks/plan_table.py [--gpus "RTX 4090,RTX 3090,RTX 4060 Ti 16 GB,H100 SXM"] [--no-fit]
+    python benchmarks/plan_table.py --align [--no-fit]   # SFT and DPO of the 1B (alignment/recipes/*-genesis-1b.yaml)
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpus", default="RTX 4090,RTX 3090,RTX 4060 Ti 16 GB,H100 SXM")
     ap.add_argument("--no-fit", action="store_true")
+    ap.add_argument("--align", action="store_true", help="the SFT and DPO recipes instead of pretraining")
     ns = ap.parse_args()
+    if ns.align:
+        return align_tables(ns)
     t0 = time.monotonic()
     rows, fits = [], []
     for n in (1, 2):
@@ -60,6 +64,57 @@ def main() -> int:
     print("\n".join(rows))
     if fits:
         print("\n| GPUs | --fit: best setting | card total | tokens/s (range) | MFU |")
+        print("| --- | --- | --- | --- | --- |")
+        print("\n".join(fits))
+    print(f"\n({time.monotonic() - t0:.0f} s on this machine)")
+    return 0
+
+
+ALIGN = {"sft": "alignment/recipes/sft-genesis-1b.yaml", "dpo": "alignment/recipes/dpo-genesis-1b.yaml"}
+
+
+def align_tables(ns) -> int:
+    """SFT and DPO of the 1B on 1x/2x of each card, the recipe's sequences per step kept (accumulation
+    doubled on one GPU). The model is the 1B pretraining recipe's (the SFT/DPO input folders do not exist
+    before a real run)."""
+    from training.plan.align import read_align_recipe, setting_for_align
+
+    config = read_recipe(RECIPE, [])[1]
+    t0 = time.monotonic()
+    rows, fits = [], []
+    for stage, recipe in ALIGN.items():
+        for n in (1, 2):
+            hw = read_hardware(HARDWARE[n])
+            script_args, training_args, model_args = read_align_recipe(stage, recipe, [])
+            training_args.gradient_accumulation_steps *= 2 // n
+            base = setting_for_align(stage, training_args, model_args, script_args, hw)
+            for name in ns.gpus.split(","):
+                prof = lookup(name)
+                p = plan(config, base, prof)
+                lo, hi = p.time["tokens_per_s_range"]
+                m = p.memory
+                rows.append(f"| {stage.upper()} | {n}x {prof.name} | {gib(m['peak_allocated'])} | "
+                            f"{gib(m['reference']) if base.reference else '-'} | {gib(m['predicted_device_total'])} | "
+                            f"{'yes' if p.fits else 'NO'} | {p.time['tokens_per_s']:,.0f} ({lo:,.0f}-{hi:,.0f}) | "
+                            f"{p.time['mfu']:.0%} | {p.peak_phase} |")
+                if not ns.no_fit:
+                    r = fit(config, base, prof)
+                    if r["best"] is None:
+                        s = r["smallest"]
+                        fits.append(f"| {stage.upper()} | {n}x {prof.name} | none fits | smallest card total "
+                                    f"{gib(s.memory['predicted_device_total'])} | |")
+                    else:
+                        tps, s, bp = r["best"]
+                        fits.append(f"| {stage.upper()} | {n}x {prof.name} | `{_flags(s, base)}`, AC "
+                                    f"{s.activation_checkpointing}, reshard {s.reshard_after_forward} | "
+                                    f"{gib(bp.memory['predicted_device_total'])} | {tps:,.0f} "
+                                    f"({bp.time['tokens_per_s_range'][0]:,.0f}-{bp.time['tokens_per_s_range'][1]:,.0f}) |")
+                print(f"[{time.monotonic() - t0:.0f}s] {stage} {n}x {name} done", file=sys.stderr, flush=True)
+    print("| stage | GPUs | peak allocated | of it, reference | card total | fits | tokens/s (range) | MFU | peak at |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+    if fits:
+        print("\n| stage | GPUs | --fit: best setting | card total | tokens/s (range) |")
         print("| --- | --- | --- | --- | --- |")
         print("\n".join(fits))
     print(f"\n({time.monotonic() - t0:.0f} s on this machine)")

@@ -92,7 +92,10 @@ def setting_for_align(stage: str, training_args, model_args, script_args, hw: di
 
     from training.plan.trace import Setting
 
-    ac = "full" if (hw["activation_checkpointing"] or training_args.gradient_checkpointing) else "none"
+    # `activation_checkpointing` (transformers 5; `gradient_checkpointing` is its deprecated alias)
+    asked = getattr(training_args, "activation_checkpointing", None)
+    asked = training_args.gradient_checkpointing if asked is None else asked
+    ac = "full" if (hw["activation_checkpointing"] or asked) else "none"
     if hw["fsdp"]:
         param_dtype = "float32"  # Accelerate's FSDP2 upcast of the bf16 checkpoint (mixed precision on)
         if hw["mixed_precision"] == "no":

@@ -23,7 +23,9 @@ AC = ("full", "alternate", "none")
 def _flags(s: Setting, base: Setting) -> str:
     out = [f"--per_device_train_batch_size {s.micro_batch}", f"--gradient_accumulation_steps {s.grad_accum}"]
     if s.activation_checkpointing != base.activation_checkpointing:
-        out.append(f"--gradient_checkpointing {s.activation_checkpointing != 'none'}")
+        # TrainingArguments (transformers 5) calls it activation_checkpointing; pretrain.py gradient_checkpointing
+        name = "gradient_checkpointing" if s.workload == "pretrain" else "activation_checkpointing"
+        out.append(f"--{name} {s.activation_checkpointing != 'none'}")
     if s.save_mode != base.save_mode:
         out.append(f"--save_mode {s.save_mode}")
     return " ".join(out)
