@@ -122,6 +122,9 @@ def _run_plan(name: str, total_memory: int, accelerator, argv: list[str] | None,
     try:
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                              env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": "1", "RANK": "0"})
+    except subprocess.TimeoutExpired:
+        logger.warning("plan: the planner took over 600 s; no preflight prediction")
+        return None
     finally:
         os.unlink(f.name)
     if out.returncode != 0:
