@@ -123,6 +123,9 @@ def genesis_trainer(trainer_cls, stage: str | None = None, ignore_plan: bool = F
     exists: refuse a config that asked for FSDP and did not get it, then install the precision policy.
     Not later: DPOTrainer wraps its reference model with `fully_shard` inside its own __init__.
 
+    Rank 0 then locks <output_dir>/run.lock (training/lifecycle.py `take_run_lock`): a second launch
+    into a live run's folder is refused on every rank (`RunFolderBusy`, exit 2); `end_run` releases it.
+
     With `stage` ("sft", "dpo"), on CUDA: the `genesis plan` preflight for this launch, before any
     model is wrapped or moved (training/plan/preflight.py): its line is logged, a launch predicted
     not to fit is refused (`PlanRefused`, exit 2) unless `ignore_plan`; the plan is kept on the
@@ -133,6 +136,10 @@ def genesis_trainer(trainer_cls, stage: str | None = None, ignore_plan: bool = F
             super().create_accelerator_and_postprocess()
             require_granted_fsdp(self.accelerator)
             use_genesis_policy(self.accelerator)
+            # one run per output_dir, as pretrain.py: refused on every rank before anything is written
+            from training.lifecycle import take_run_lock
+
+            self.genesis_lock = take_run_lock(self.args.output_dir, self.accelerator)
             self.genesis_plan = None
             if stage is not None:
                 from types import SimpleNamespace
@@ -304,6 +311,9 @@ def end_run(trainer) -> None:
     (py-spy: main thread in ~ProcessGroupGloo -> std::thread::join under `main(*parse())` returning;
     worker in ~AsyncAllgatherWork waiting for the GIL). `trainer.end()` (destroy_process_group) can
     drop the last reference the same way, so it is not called either; the OS closes the sockets."""
+    lock = getattr(trainer, "genesis_lock", None)
+    if lock is not None:
+        lock.release()
     if trainer.accelerator.num_processes == 1:
         trainer.end()
         return
@@ -313,27 +323,33 @@ def end_run(trainer) -> None:
     _KEEP_ALIVE.append(trainer)
 
 
+def _refusals() -> tuple:
+    from training.lifecycle import RunFolderBusy
+    from training.plan.preflight import PlanRefused
+
+    return (PlanRefused, RunFolderBusy)
+
+
+REFUSALS = _refusals()  # a launch refused before training: one line, exit 2
+
+
 def run_script(main, parse) -> None:
     """`python alignment/<stage>.py ...` / `accelerate launch ... alignment/<stage>.py ...`: run
     `main`, then, when several processes ran, flush and `os._exit` (success or failure) instead of
     tearing down the interpreter (see `end_run`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        from training.plan.preflight import PlanRefused
-
         try:
             main(*parse())
-        except PlanRefused as e:
+        except REFUSALS as e:
             logger.error("%s", e)
             print(f"genesis: {e}", file=sys.stderr)
             sys.exit(2)
         return
-    from training.plan.preflight import PlanRefused
-
     rc = 0
     try:
         main(*parse())
-    except PlanRefused as e:  # one line, as pretrain.py refuses
+    except REFUSALS as e:  # one line, as pretrain.py refuses
         logger.error("%s", e)
         print(f"genesis: {e}", file=sys.stderr)
         rc = 2

@@ -140,3 +140,38 @@ def test_run_lock_is_exclusive_and_dies_with_its_holder(tmp_path):
     lock = RunLock(tmp_path).acquire()  # the kernel dropped the dead holder's lock
     assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
     lock.release()
+
+
+def test_an_alignment_launch_into_a_live_runs_folder_is_refused_and_a_finished_one_frees_it(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """alignment/sft.py (and dpo.py, through the same trainer class) lock their output_dir as pretrain.py
+    does: a second launch is refused with one line naming the holder, exit 2, before anything is written;
+    a finished stage releases the folder (a cycle runs its stages in one process)."""
+    from _alignment_fixtures import DATA_DIR, make_model_folder
+
+    from alignment import sft
+    from training.lifecycle import RunLock
+
+    out_dir = tmp_path / "sft"
+    argv = ["--config", str(REPO / "alignment" / "recipes" / "sft-tiny.yaml"), "--model_name_or_path",
+            str(make_model_folder(tmp_path)), "--dataset_name", str(DATA_DIR / "sft_conversations.jsonl"),
+            "--output_dir", str(out_dir), "--max_steps", "2"]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    holder = subprocess.Popen(["python", "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
+                               "from training.lifecycle import RunLock; RunLock(sys.argv[2]).acquire();"
+                               "print('held', flush=True); time.sleep(60)", str(REPO), str(out_dir)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as e:
+            sft.run_script(sft.main, lambda: sft.parse(argv))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "in use by a live run" in err and f"pid {holder.pid}" in err
+        assert sorted(p.name for p in out_dir.iterdir()) == ["run.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    sft.run_script(sft.main, lambda: sft.parse(argv))  # the holder is gone: it runs
+    assert (out_dir / "model.safetensors").is_file()
+    RunLock(out_dir).acquire().release()  # and released the folder when it ended

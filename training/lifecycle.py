@@ -187,5 +187,5 @@ def take_run_lock(output_dir: str, accelerator) -> RunLock | None:
     if accelerator.num_processes > 1:
         broadcast_object_list(box, from_process=0)
     if box[0] is not None:
-        raise ValueError(box[0])
+        raise RunFolderBusy(box[0])
     return lock
