@@ -63,3 +63,15 @@ def test_the_step_10_record_puts_the_plan_beside_the_measurement(caplog):
     assert rec["predicted_device_total"] == plan["memory"]["predicted_device_total"]
     assert rec["measured_tokens_per_s"] == 17000.0 and rec["predicted_tokens_per_s_range"] == [12000.0, 18000.0]
     assert "17,000 measured" in caplog.text
+
+
+def test_the_planner_child_gets_no_launcher_variables(monkeypatch):
+    from training.plan.preflight import planner_env
+
+    for key, value in {"LOCAL_RANK": "1", "MASTER_PORT": "29500", "ACCELERATE_USE_FSDP": "true",
+                       "TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2", "RANK": "1", "HF_HUB_OFFLINE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    env = planner_env()
+    assert env["WORLD_SIZE"] == "1" and env["RANK"] == "0" and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert not {"LOCAL_RANK", "MASTER_PORT", "ACCELERATE_USE_FSDP", "TORCHELASTIC_RUN_ID"} & env.keys()
+    assert env["HF_HUB_OFFLINE"] == "1"

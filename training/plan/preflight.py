@@ -111,6 +111,17 @@ def preflight(args, accelerator, argv: list[str] | None = None, align: str | Non
     return plan_json
 
 
+# The launcher's variables describe the run, not the planner: with them, parsing TRL's arguments in the
+# child (TrainingArguments sets up its device) could join the run's rendezvous or think it is one of
+# its FSDP ranks. The planner reads the hardware from the YAML it is given.
+_LAUNCH_PREFIXES = ("ACCELERATE_", "FSDP_", "TORCHELASTIC_", "MASTER_", "LOCAL_", "GROUP_", "ROLE_", "TORCH_NCCL_")
+
+
+def planner_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCH_PREFIXES)}
+    return {**env, "CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": "1", "RANK": "0"}
+
+
 def _run_plan(name: str, total_memory: int, accelerator, argv: list[str] | None, align: str | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if align:
@@ -120,8 +131,7 @@ def _run_plan(name: str, total_memory: int, accelerator, argv: list[str] | None,
     cmd = [sys.executable, "-m", "training.plan.cli", "--hardware", f.name, "--gpu", name,
            "--vram-gb", f"{total_memory / GIB:.3f}", "--json", *argv]
     try:
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                             env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": "1", "RANK": "0"})
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=planner_env())
     except subprocess.TimeoutExpired:
         logger.warning("plan: the planner took over 600 s; no preflight prediction")
         return None
