@@ -26,6 +26,8 @@ def _flags(s: Setting, base: Setting) -> str:
         # TrainingArguments (transformers 5) calls it activation_checkpointing; pretrain.py gradient_checkpointing
         name = "gradient_checkpointing" if s.workload == "pretrain" else "activation_checkpointing"
         out.append(f"--{name} {s.activation_checkpointing != 'none'}")
+        if s.activation_checkpointing == "alternate" and s.workload != "pretrain" and not s.fsdp:
+            out.append("--activation_checkpointing_kwargs '{\"every_n_layers\": 2}'")  # transformers 5
     if s.save_mode != base.save_mode:
         out.append(f"--save_mode {s.save_mode}")
     return " ".join(out)
@@ -33,6 +35,8 @@ def _flags(s: Setting, base: Setting) -> str:
 
 def _hardware_note(s: Setting, base: Setting) -> str:
     notes = []
+    if not base.fsdp:  # one process: the script's flags say it all
+        return ""
     if s.activation_checkpointing != base.activation_checkpointing:
         notes.append(f"accelerate config: fsdp_activation_checkpointing: {s.activation_checkpointing != 'none'}"
                      + (" (every other layer: not an Accelerate option yet)" if s.activation_checkpointing == "alternate" else ""))
@@ -88,8 +92,11 @@ def fit(config, base: Setting, prof, *, num_machines: int = 1, margin: float = 0
     return out
 
 
+SCRIPT = {"pretrain": "training/pretrain.py", "sft": "alignment/sft.py", "dpo": "alignment/dpo.py"}
+
+
 def _row(s: Setting, p) -> str:
-    return (f"micro-batch {s.micro_batch:>2} x accum {s.grad_accum:>3}, AC {s.activation_checkpointing:<9}, reshard "
+    return (f"micro-batch {s.micro_batch:>2}{' pairs' if s.workload == 'dpo' else ''} x accum {s.grad_accum:>3}, AC {s.activation_checkpointing:<9}, reshard "
             f"{str(s.reshard_after_forward):<5}: card {gib(p.memory['predicted_device_total']):>10}, "
             f"{p.time['tokens_per_s']:>9,.0f} tok/s ({p.time['tokens_per_s_range'][0]:,.0f}-{p.time['tokens_per_s_range'][1]:,.0f}), "
             f"MFU {p.time['mfu']:.0%}")
@@ -97,7 +104,8 @@ def _row(s: Setting, p) -> str:
 
 def fit_text(result: dict) -> str:
     prof, base = result["prof"], result["base"]
-    head = (f"fit: {base.world_size} x {prof.name}, keeping {base.micro_batch * base.grad_accum} sequences per rank per "
+    unit = "pairs" if base.workload == "dpo" else "sequences"
+    head = (f"fit: {base.world_size} x {prof.name}, keeping {base.micro_batch * base.grad_accum} {unit} per rank per "
             f"step, at most {gib(result['budget'])} of {gib(prof.vram_bytes)} ({result['margin']:.0%} margin)")
     if result["best"] is None:
         s = result["smallest"]
@@ -105,7 +113,7 @@ def fit_text(result: dict) -> str:
         return (f"{head}\nNO setting fits. The smallest predicted card total is {gib(s.memory['predicted_device_total'])} "
                 f"({_row(s.setting, s)}); it would need a card of {gib(need)}, or more GPUs to shard over.")
     tps, s, p = result["best"]
-    lines = [head, "", "best:", "  " + _row(s, p), "", "paste after pretrain.py:", "  " + _flags(s, base)]
+    lines = [head, "", "best:", "  " + _row(s, p), "", f"paste after {SCRIPT[base.workload]}:", "  " + _flags(s, base)]
     if _hardware_note(s, base):
         lines.append("  and in the " + _hardware_note(s, base))
     if result["save_note"]:
