@@ -92,19 +92,22 @@ print(json.dumps({k: [ex[k]["peak_total"], full.segments[k].peak_total, ex[k]["p
         assert ref == r["ref"] > 0
 
 
-def test_alignment_plan_refuses_bad_input(model_dir, tmp_path):
+def test_alignment_plan_refuses_bad_input(model_dir, tmp_path, capsys):
+    """In process: every refusal comes before any trace."""
+    from training.plan.cli import cli_main
+
     bad = tmp_path / "sft-bad.yaml"
     bad.write_text((RECIPES / "sft-tiny.yaml").read_text() + "\nmax_lenght: 512\n")
-    out = _plan("--align", "sft", "--config", str(bad), "--hardware", str(FSDP2), "--gpu", "RTX 4090",
-                "--model_name_or_path", str(model_dir))
-    assert out.returncode == 2 and "max_lenght" in out.stderr, out.stderr[-2000:]
-    out = _plan("--align", "dpo", "--config", str(RECIPES / "dpo-genesis-1b.yaml"), "--hardware", str(FSDP2),
-                "--gpu", "RTX 4090")
-    assert out.returncode == 2
-    assert "runs/align/genesis-1b-sft" in out.stderr and "--model_config" in out.stderr, out.stderr[-2000:]
-    out = _plan("--config", str(ROOT / "training" / "recipes" / "genesis-1b.yaml"), "--hardware", str(FSDP2),
-                "--gpu", "RTX 4090", "--model_config", str(model_dir))
-    assert out.returncode == 2 and "--model_config is for --align" in out.stderr
+    assert cli_main(["--align", "sft", "--config", str(bad), "--hardware", str(FSDP2), "--gpu", "RTX 4090",
+                     "--model_name_or_path", str(model_dir)]) == 2
+    assert "max_lenght" in capsys.readouterr().err
+    assert cli_main(["--align", "dpo", "--config", str(RECIPES / "dpo-genesis-1b.yaml"), "--hardware", str(FSDP2),
+                     "--gpu", "RTX 4090"]) == 2
+    err = capsys.readouterr().err
+    assert "runs/align/genesis-1b-sft" in err and "--model_config" in err
+    assert cli_main(["--config", str(ROOT / "training" / "recipes" / "genesis-1b.yaml"), "--hardware", str(FSDP2),
+                     "--gpu", "RTX 4090", "--model_config", str(model_dir)]) == 2
+    assert "--model_config is for --align" in capsys.readouterr().err
 
 
 def _cuda_accelerator(monkeypatch, total_gib: float):
@@ -121,18 +124,13 @@ def _cuda_accelerator(monkeypatch, total_gib: float):
 
 
 def test_alignment_preflight_plans_this_launch_and_refuses_what_does_not_fit(model_dir, monkeypatch, caplog):
-    """Each call runs the planner in a child process on the launch's own arguments."""
+    """Each call runs the planner in a child process on the launch's own arguments (no launcher variables)."""
     from training.plan.preflight import PlanRefused, preflight
 
     def argv(stage):
         return ["--config", str(RECIPES / f"{stage}-tiny.yaml"), "--model_name_or_path", str(model_dir)]
 
-    with caplog.at_level("INFO", logger="training.pretrain"):
-        plan = preflight(types.SimpleNamespace(ignore_plan=False), _cuda_accelerator(monkeypatch, 24), argv("sft"),
-                         align="sft")
-    assert plan is not None and plan["fits"] and plan["setting"]["workload"] == "sft"
-    assert "(fits)" in caplog.text
-    tiny = _cuda_accelerator(monkeypatch, 0.05)
+    tiny = _cuda_accelerator(monkeypatch, 0.05)  # (a plan that fits goes ahead: test_plan_preflight.py)
     with pytest.raises(PlanRefused, match="predicted NOT to fit.*genesis plan --fit"):
         preflight(types.SimpleNamespace(ignore_plan=False), tiny, argv("sft"), align="sft")
     with caplog.at_level("INFO", logger="training.pretrain"):

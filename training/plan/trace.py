@@ -100,7 +100,7 @@ class Trace:
     num_layers: int
     segments: dict[str, SegmentTrace]
     steady: dict[str, int]  # bytes by category after the step (what stays: params, optimizer)
-    reference_bytes: int = 0  # DPO: the reference model's parameter shards on this rank (in params_sharded)
+    reference_bytes: int = 0  # DPO: the reference model's parameter shards on this rank (category "reference")
 
 
 # The per-token fields TRL's trainers ask of the fused LM head (trl/trainer/sft_trainer.py and
