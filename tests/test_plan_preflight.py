@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import types
 
 import pytest
@@ -75,3 +76,36 @@ def test_the_planner_child_gets_no_launcher_variables(monkeypatch):
     assert env["WORLD_SIZE"] == "1" and env["RANK"] == "0" and env["CUDA_VISIBLE_DEVICES"] == ""
     assert not {"LOCAL_RANK", "MASTER_PORT", "ACCELERATE_USE_FSDP", "TORCHELASTIC_RUN_ID"} & env.keys()
     assert env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_the_alignment_scripts_put_the_plan_beside_the_measurement_after_10_steps(tmp_path):
+    """alignment/sft.py `plan_check`: a callback that times steps 1..11 and writes plan_vs_measured.json."""
+    import time
+
+    from alignment.sft import plan_check
+
+    plan = _plan_json(13.2) | {"setting": {"workload": "sft"}}
+    plan["time"]["step_s"] = 2.0
+    callbacks = []
+    trainer = types.SimpleNamespace(genesis_plan=plan, _total_train_tokens=0, add_callback=callbacks.append,
+                                    accelerator=types.SimpleNamespace(device=types.SimpleNamespace(type="cpu"),
+                                                                      is_main_process=True))
+    plan_check(trainer, str(tmp_path / "out"))
+    (cb,) = callbacks
+    for step in range(1, 13):
+        trainer._total_train_tokens += 4096
+        cb.on_step_end(None, types.SimpleNamespace(global_step=step), None)
+        time.sleep(0.01)
+    rec = json.loads((tmp_path / "out" / "plan_vs_measured.json").read_text())
+    assert rec["event"] == "plan_vs_measured" and rec["step"] == 11 and rec["stage"] == "sft"
+    assert rec["predicted_tokens_per_s"] == 15000.0 and rec["predicted_step_s"] == 2.0
+    assert 0 < rec["measured_step_s"] < 1 and rec["measured_tokens_per_s"] > 4096  # 10 steps of 4,096 tokens
+    assert "measured_max_memory_allocated" not in rec  # CPU: no CUDA numbers
+
+
+def test_no_alignment_plan_check_without_a_plan():
+    from alignment.sft import plan_check
+
+    callbacks = []
+    plan_check(types.SimpleNamespace(genesis_plan=None, add_callback=callbacks.append), "unused")
+    assert callbacks == []
