@@ -48,24 +48,30 @@ def main() -> int:
                         f"{'yes' if p.fits else 'NO'} | {p.time['tokens_per_s']:,.0f} ({lo:,.0f}-{hi:,.0f}) | {p.time['mfu']:.0%} | "
                         f"{p.time['exposed_comm_s']:.2f} s of {p.time['step_s']:.1f} s |")
             if not ns.no_fit:
-                r = fit(config, base, prof)
-                if r["best"] is None:
-                    s = r["smallest"]
-                    fits.append(f"| {n}x {prof.name} | none fits | smallest card total {gib(s.memory['predicted_device_total'])} | | |")
-                else:
-                    tps, s, bp = r["best"]
-                    fits.append(f"| {n}x {prof.name} | `{_flags(s, base)}`, AC {s.activation_checkpointing}, reshard "
-                                f"{s.reshard_after_forward} | {gib(bp.memory['predicted_device_total'])} | "
-                                f"{tps:,.0f} ({bp.time['tokens_per_s_range'][0]:,.0f}-{bp.time['tokens_per_s_range'][1]:,.0f}) | "
-                                f"{bp.time['mfu']:.0%} |")
+                fits.append(f"| {n}x {prof.name} | {fit_cells(config, base, prof, mfu=True)} |")
             print(f"[{time.monotonic() - t0:.0f}s] {n}x {name} done", file=sys.stderr, flush=True)
-    print("| GPUs | peak allocated | card total | fits | tokens/s (range) | MFU | exposed comm |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    print("\n".join(rows))
-    if fits:
-        print("\n| GPUs | --fit: best setting | card total | tokens/s (range) | MFU |")
-        print("| --- | --- | --- | --- | --- |")
-        print("\n".join(fits))
+    return print_tables(["GPUs", "peak allocated", "card total", "fits", "tokens/s (range)", "MFU", "exposed comm"], rows,
+                        ["GPUs", "--fit: best setting", "card total", "tokens/s (range)", "MFU"], fits, t0)
+
+
+def fit_cells(config, base, prof, *, mfu: bool) -> str:
+    """The --fit table's cells after the GPU column: the best setting, its card total and tokens/s."""
+    r = fit(config, base, prof)
+    if r["best"] is None:
+        return f"none fits | smallest card total {gib(r['smallest'].memory['predicted_device_total'])} | |" + (" |" if mfu else "")
+    tps, s, bp = r["best"]
+    lo, hi = bp.time["tokens_per_s_range"]
+    return (f"`{_flags(s, base)}`, AC {s.activation_checkpointing}, reshard {s.reshard_after_forward} | "
+            f"{gib(bp.memory['predicted_device_total'])} | {tps:,.0f} ({lo:,.0f}-{hi:,.0f})"
+            + (f" | {bp.time['mfu']:.0%}" if mfu else ""))
+
+
+def print_tables(head: list[str], rows: list[str], fit_head: list[str], fits: list[str], t0: float) -> int:
+    for cols, body in ((head, rows), (fit_head, fits)):
+        if body:
+            print(("\n" if cols is fit_head else "") + "| " + " | ".join(cols) + " |")
+            print("| " + " | ".join("---" for _ in cols) + " |")
+            print("\n".join(body))
     print(f"\n({time.monotonic() - t0:.0f} s on this machine)")
     return 0
 
@@ -98,27 +104,11 @@ def align_tables(ns) -> int:
                             f"{'yes' if p.fits else 'NO'} | {p.time['tokens_per_s']:,.0f} ({lo:,.0f}-{hi:,.0f}) | "
                             f"{p.time['mfu']:.0%} | {p.peak_phase} |")
                 if not ns.no_fit:
-                    r = fit(config, base, prof)
-                    if r["best"] is None:
-                        s = r["smallest"]
-                        fits.append(f"| {stage.upper()} | {n}x {prof.name} | none fits | smallest card total "
-                                    f"{gib(s.memory['predicted_device_total'])} | |")
-                    else:
-                        tps, s, bp = r["best"]
-                        fits.append(f"| {stage.upper()} | {n}x {prof.name} | `{_flags(s, base)}`, AC "
-                                    f"{s.activation_checkpointing}, reshard {s.reshard_after_forward} | "
-                                    f"{gib(bp.memory['predicted_device_total'])} | {tps:,.0f} "
-                                    f"({bp.time['tokens_per_s_range'][0]:,.0f}-{bp.time['tokens_per_s_range'][1]:,.0f}) |")
+                    fits.append(f"| {stage.upper()} | {n}x {prof.name} | {fit_cells(config, base, prof, mfu=False)} |")
                 print(f"[{time.monotonic() - t0:.0f}s] {stage} {n}x {name} done", file=sys.stderr, flush=True)
-    print("| stage | GPUs | peak allocated | of it, reference | card total | fits | tokens/s (range) | MFU | peak at |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    print("\n".join(rows))
-    if fits:
-        print("\n| stage | GPUs | --fit: best setting | card total | tokens/s (range) |")
-        print("| --- | --- | --- | --- | --- |")
-        print("\n".join(fits))
-    print(f"\n({time.monotonic() - t0:.0f} s on this machine)")
-    return 0
+    return print_tables(["stage", "GPUs", "peak allocated", "of it, reference", "card total", "fits", "tokens/s (range)",
+                         "MFU", "peak at"], rows, ["stage", "GPUs", "--fit: best setting", "card total", "tokens/s (range)"],
+                        fits, t0)
 
 
 if __name__ == "__main__":
