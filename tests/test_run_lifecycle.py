@@ -8,10 +8,12 @@ compared with.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -123,20 +125,27 @@ def test_stop_request_turns_the_early_warning_into_a_flag():
         StopRequest("SIGNOPE")
 
 
-def test_run_lock_is_exclusive_and_dies_with_its_holder(tmp_path):
-    from training.lifecycle import RunFolderBusy, RunLock
-
-    holder = subprocess.Popen(["python", "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
+@contextlib.contextmanager
+def lock_held_by_another_process(folder: Path):
+    """A child process that holds `folder`'s run lock until the block ends (then it is killed)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
                                "from training.lifecycle import RunLock; RunLock(sys.argv[2]).acquire();"
-                               "print('held', flush=True); time.sleep(60)", str(REPO), str(tmp_path)],
+                               "print('held', flush=True); time.sleep(60)", str(REPO), str(folder)],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(RunFolderBusy, match=rf"in use by a live run \(host .*, pid {holder.pid}, since"):
-            RunLock(tmp_path).acquire()
+        yield holder
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_run_lock_is_exclusive_and_dies_with_its_holder(tmp_path):
+    from training.lifecycle import RunFolderBusy, RunLock
+
+    with lock_held_by_another_process(tmp_path) as holder:
+        with pytest.raises(RunFolderBusy, match=rf"in use by a live run \(host .*, pid {holder.pid}, since"):
+            RunLock(tmp_path).acquire()
     lock = RunLock(tmp_path).acquire()  # the kernel dropped the dead holder's lock
     assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
     lock.release()
@@ -157,21 +166,13 @@ def test_an_alignment_launch_into_a_live_runs_folder_is_refused_and_a_finished_o
             str(make_model_folder(tmp_path)), "--dataset_name", str(DATA_DIR / "sft_conversations.jsonl"),
             "--output_dir", str(out_dir), "--max_steps", "2"]
     monkeypatch.setenv("WORLD_SIZE", "1")
-    holder = subprocess.Popen(["python", "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from training.lifecycle import RunLock; RunLock(sys.argv[2]).acquire();"
-                               "print('held', flush=True); time.sleep(60)", str(REPO), str(out_dir)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_by_another_process(out_dir) as holder:
         with pytest.raises(SystemExit) as e:
             sft.run_script(sft.main, lambda: sft.parse(argv))
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert "in use by a live run" in err and f"pid {holder.pid}" in err
         assert sorted(p.name for p in out_dir.iterdir()) == ["run.lock"]
-    finally:
-        holder.kill()
-        holder.wait()
     sft.run_script(sft.main, lambda: sft.parse(argv))  # the holder is gone: it runs
     assert (out_dir / "model.safetensors").is_file()
     RunLock(out_dir).acquire().release()  # and released the folder when it ended
