@@ -52,6 +52,8 @@ from training.fsdp import (  # noqa: E402
     require_granted_fsdp,
     use_genesis_policy,
 )
+from training.lifecycle import RunFolderBusy  # noqa: E402
+from training.plan.preflight import PlanRefused  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -323,29 +325,15 @@ def end_run(trainer) -> None:
     _KEEP_ALIVE.append(trainer)
 
 
-def _refusals() -> tuple:
-    from training.lifecycle import RunFolderBusy
-    from training.plan.preflight import PlanRefused
-
-    return (PlanRefused, RunFolderBusy)
-
-
-REFUSALS = _refusals()  # a launch refused before training: one line, exit 2
+REFUSALS = (PlanRefused, RunFolderBusy)  # a launch refused before training: one line, exit 2
 
 
 def run_script(main, parse) -> None:
     """`python alignment/<stage>.py ...` / `accelerate launch ... alignment/<stage>.py ...`: run
-    `main`, then, when several processes ran, flush and `os._exit` (success or failure) instead of
-    tearing down the interpreter (see `end_run`)."""
+    `main`; a refusal (`REFUSALS`) is one line and exit 2. When several processes ran, flush and
+    `os._exit` (success or failure) instead of tearing down the interpreter (see `end_run`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        try:
-            main(*parse())
-        except REFUSALS as e:
-            logger.error("%s", e)
-            print(f"genesis: {e}", file=sys.stderr)
-            sys.exit(2)
-        return
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
     rc = 0
     try:
         main(*parse())
@@ -354,8 +342,14 @@ def run_script(main, parse) -> None:
         print(f"genesis: {e}", file=sys.stderr)
         rc = 2
     except Exception:  # noqa: BLE001  (printed, then a non-zero exit that no destructor can block)
+        if single:
+            raise
         traceback.print_exc()
         rc = 1
+    if single:
+        if rc:
+            sys.exit(rc)
+        return
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

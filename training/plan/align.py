@@ -75,16 +75,19 @@ def model_config(model_args, override: str | None):
         return GenesisConfig.from_json_file(str(path))
     if path.is_dir() and (path / "config.json").is_file():
         return GenesisConfig.from_pretrained(str(path))
-    if not override and not path.exists() and "/" in source and not source.startswith(("runs/", "./", "../")):
+    what = "--model_config" if override else "model_name_or_path"
+    hint = ("Give --model_config: a model folder, a config.json, or the pretraining recipe "
+            "(training/recipes/genesis-1b.yaml)")
+    if not override and not path.exists():  # a Hub id, as the script would load it
         from transformers import AutoConfig
 
-        try:  # a Hub id (a real run; tests are offline)
+        try:
             return AutoConfig.from_pretrained(source, revision=getattr(model_args, "model_revision", None))
         except (OSError, ValueError) as e:
-            raise AlignPlanError(f"model_name_or_path {source}: {e}") from None
-    what = "--model_config" if override else "model_name_or_path"
-    raise AlignPlanError(f"{what} {source}: no config.json there (not trained yet?). Give --model_config: a model "
-                         "folder, a config.json, or the pretraining recipe (training/recipes/genesis-1b.yaml)")
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise AlignPlanError(f"{what} {source}: no local config.json, and the Hub gives none ({why}). "
+                                 f"{hint}") from None
+    raise AlignPlanError(f"{what} {source}: no config.json there (not trained yet?). {hint}")
 
 
 def setting_for_align(stage: str, training_args, model_args, script_args, hw: dict, **changes):
