@@ -46,6 +46,7 @@ from alignment.sft import (  # noqa: E402
     genesis_trainer,
     log_launch_env,
     model_init_kwargs,
+    parse_with,
     plan_check,
     run_script,
     save_final,
@@ -224,12 +225,7 @@ def make_parser():
 
 
 def parse(argv: list[str] | None = None):
-    import sys
-
-    from alignment.sft import PARSED_ARGV
-
-    PARSED_ARGV[:] = list(sys.argv[1:] if argv is None else argv)
-    return make_parser().parse_args_and_config(args=argv)
+    return parse_with(make_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -413,9 +413,14 @@ def make_parser():
 PARSED_ARGV: list[str] = []
 
 
-def parse(argv: list[str] | None = None):
+def parse_with(parser, argv: list[str] | None = None):
+    """`parser.parse_args_and_config(argv)`, remembering the arguments for the preflight (`PARSED_ARGV`)."""
     PARSED_ARGV[:] = list(sys.argv[1:] if argv is None else argv)
-    return make_parser().parse_args_and_config(args=argv)
+    return parser.parse_args_and_config(args=argv)
+
+
+def parse(argv: list[str] | None = None):
+    return parse_with(make_parser(), argv)
 
 
 if __name__ == "__main__":
